@@ -1,0 +1,311 @@
+"""`gradserve batch`: a whole file of inputs through the front door, one prediction per row, in input order.
+
+Rows travel many per request with bounded concurrency. The job keeps each finished chunk in a work folder
+beside the output (`<output>.work/`), written atomically, so a job killed at any moment and run again with
+the same arguments finishes without losing or repeating a row. A request the server rejects as invalid is
+split in halves until the bad rows stand alone; they go to the errors file, every other row succeeds.
+UNAVAILABLE and DEADLINE_EXCEEDED are retried with backoff; missing credentials or an unknown model end the
+job at once. `--shard i/N` takes the i-th of N slices; `gradserve batch merge` joins the parts in order.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import shutil
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from server import batch_io
+from server.batch_transport import FATAL, RETRYABLE, GrpcTransport, LocalTransport, Rejected, Transport
+
+
+@dataclass(frozen=True)
+class BatchConfig:
+    input: Path
+    output: Path
+    model: str = "digits"
+    grpc: str = "127.0.0.1:8001"
+    token: str | None = None
+    local: Path | None = None  # a .mar to run in-process instead of the server
+    rows_per_request: int = 256
+    concurrency: int = 4
+    timeout_s: float = 30.0
+    retry_for_s: float = 120.0  # how long UNAVAILABLE/DEADLINE_EXCEEDED are retried before rows fail
+    shard: tuple[int, int] = (0, 1)
+    progress: bool = True
+
+
+@dataclass
+class Chunk:
+    index: int
+    start: int  # row range [start, stop) within the shard
+    stop: int
+
+
+@dataclass
+class Summary:
+    rows: int
+    done: int
+    failed: int
+    seconds: float
+    output: str
+    errors: str
+
+    @property
+    def rows_per_s(self) -> float:
+        return self.done / self.seconds if self.seconds > 0 else 0.0
+
+
+class JobFailed(SystemExit):
+    pass
+
+
+def shard_range(total: int, shard: tuple[int, int]) -> tuple[int, int]:
+    i, n = shard
+    return total * i // n, total * (i + 1) // n
+
+
+def errors_path(output: Path) -> Path:
+    return output.with_name(output.stem + ".errors.jsonl")
+
+
+def work_dir(output: Path) -> Path:
+    return output.with_name(output.name + ".work")
+
+
+async def run_job(config: BatchConfig, transport: Transport) -> Summary:
+    began = time.perf_counter()
+    inputs = batch_io.read_inputs(config.input, transport.row_shape)
+    start, stop = shard_range(len(inputs), config.shard)
+    work = _prepare_work_dir(config, len(inputs))
+    chunks = [Chunk(i, s, min(s + config.rows_per_request, stop - start))
+              for i, s in enumerate(range(0, stop - start, config.rows_per_request))]
+    todo = [c for c in chunks if not _chunk_file(work, c).exists()]
+    bar = tqdm(total=stop - start, initial=(stop - start) - sum(c.stop - c.start for c in todo), unit="row",
+               desc=f"batch {config.input.name}", disable=not config.progress, smoothing=0.1)
+    limit = asyncio.Semaphore(config.concurrency)
+
+    async def one(chunk: Chunk) -> None:
+        async with limit:
+            await _run_chunk(config, transport, inputs, start, chunk, work)
+        bar.update(chunk.stop - chunk.start)
+
+    try:
+        await asyncio.gather(*(one(c) for c in todo))
+    finally:
+        bar.close()
+    return _finish(config, inputs, start, stop, chunks, work, time.perf_counter() - began)
+
+
+def _prepare_work_dir(config: BatchConfig, total_rows: int) -> Path:
+    """The folder that holds finished chunks; refuse to mix in chunks of a different job."""
+    work = work_dir(config.output)
+    stat = config.input.stat()
+    identity = {"input": str(config.input.resolve()), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns,
+                "rows": total_rows, "rows_per_request": config.rows_per_request, "shard": list(config.shard),
+                "model": config.model, "local": str(config.local) if config.local else None}
+    job_file = work / "job.json"
+    if job_file.exists():
+        if json.loads(job_file.read_text()) != identity:
+            raise JobFailed(f"{work} holds the progress of a different job (other input, shard, model or "
+                            f"--rows-per-request); delete it to start over, or rerun with the same arguments")
+        return work
+    work.mkdir(parents=True, exist_ok=True)
+    _atomic_write(job_file, json.dumps(identity, indent=2).encode())
+    return work
+
+
+def _chunk_file(work: Path, chunk: Chunk) -> Path:
+    return work / f"chunk-{chunk.index:07d}.npz"
+
+
+async def _run_chunk(config: BatchConfig, transport: Transport, inputs: batch_io.Inputs, offset: int,
+                     chunk: Chunk, work: Path) -> None:
+    first, last = offset + chunk.start, offset + chunk.stop
+    n = last - first
+    logits: np.ndarray | None = None
+    ok = np.zeros(n, dtype=bool)
+    errors: list[dict[str, str]] = []
+    readable = [i for i in range(first, last) if i not in inputs.bad]
+    for i in range(first, last):
+        if i in inputs.bad:
+            errors.append({"id": inputs.ids[i], "status": "INVALID_ARGUMENT", "message": inputs.bad[i]})
+    for rows, result in await _infer_isolating(config, transport, inputs.rows, readable):
+        if isinstance(result, Rejected):
+            errors += [{"id": inputs.ids[i], "status": result.status, "message": result.message} for i in rows]
+            continue
+        if logits is None:
+            logits = np.zeros((n, result.shape[1]), dtype=np.float32)
+        logits[np.asarray(rows) - first] = result
+        ok[np.asarray(rows) - first] = True
+    if logits is None:
+        logits = np.zeros((n, 0), dtype=np.float32)
+    tmp = _chunk_file(work, chunk).with_suffix(".tmp")
+    with tmp.open("wb") as f:
+        np.savez(f, logits=logits, ok=ok, errors=np.array(json.dumps(errors)))
+    os.replace(tmp, _chunk_file(work, chunk))
+
+
+async def _infer_isolating(config: BatchConfig, transport: Transport, rows: np.ndarray,
+                           indices: list[int]) -> list[tuple[list[int], np.ndarray | Rejected]]:
+    """Infer `indices`; when the server rejects the group as invalid, split it until bad rows stand alone."""
+    if not indices:
+        return []
+    try:
+        return [(indices, await _with_retries(config, transport, rows[indices]))]
+    except Rejected as e:
+        if e.status in FATAL:
+            raise JobFailed(f"the server refused the job: {e}") from None
+        if e.status in RETRYABLE:
+            raise JobFailed(f"the server stayed unavailable for {config.retry_for_s:.0f} s ({e}); finished rows "
+                            "are kept: run the same command again to resume") from None
+        if len(indices) == 1 or e.status not in ("INVALID_ARGUMENT", "RESOURCE_EXHAUSTED"):
+            return [(indices, e)]
+    half = len(indices) // 2
+    left = await _infer_isolating(config, transport, rows, indices[:half])
+    return left + await _infer_isolating(config, transport, rows, indices[half:])
+
+
+async def _with_retries(config: BatchConfig, transport: Transport, rows: np.ndarray) -> np.ndarray:
+    deadline = time.monotonic() + config.retry_for_s
+    delay = 0.1
+    while True:
+        try:
+            return await transport.infer(rows)
+        except Rejected as e:
+            if e.status not in RETRYABLE or time.monotonic() + delay > deadline:
+                raise
+        await asyncio.sleep(delay)
+        delay = min(delay * 2, 5.0)
+
+
+def _finish(config: BatchConfig, inputs: batch_io.Inputs, start: int, stop: int, chunks: list[Chunk],
+            work: Path, seconds: float) -> Summary:
+    parts = [np.load(_chunk_file(work, c)) for c in chunks]
+    width = max((p["logits"].shape[1] for p in parts), default=0)
+    logits = np.zeros((stop - start, width), dtype=np.float32)
+    ok = np.zeros(stop - start, dtype=bool)
+    errors: list[dict[str, str]] = []
+    for chunk, part in zip(chunks, parts, strict=True):
+        if part["logits"].shape[1] == width:
+            logits[chunk.start:chunk.stop] = part["logits"]
+        ok[chunk.start:chunk.stop] = part["ok"]
+        errors += json.loads(str(part["errors"]))
+    ids = inputs.ids[start:stop]
+    batch_io.write_outputs(config.output, ids, logits, ok)
+    batch_io.write_errors(errors_path(config.output), errors)
+    if config.shard[1] > 1:
+        meta = {"shard": config.shard[0], "of": config.shard[1], "start": start, "stop": stop,
+                "input": str(config.input)}
+        _atomic_write(_shard_meta(config.output), json.dumps(meta).encode())
+    shutil.rmtree(work)
+    return Summary(stop - start, int(ok.sum()), int((~ok).sum()), seconds, str(config.output),
+                   str(errors_path(config.output)))
+
+
+def _shard_meta(output: Path) -> Path:
+    return output.with_name(output.name + ".shard.json")
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
+def merge(parts: list[Path], output: Path) -> int:
+    """Join shard outputs (and their errors files) in input order; refuse gaps and overlaps."""
+    metas = sorted(((json.loads(_shard_meta(p).read_text()), p) for p in parts), key=lambda mp: mp[0]["start"])
+    if not metas:
+        raise SystemExit("give the shard outputs to merge")
+    expected_start = 0
+    for meta, part in metas:
+        if meta["start"] != expected_start:
+            raise SystemExit(f"{part} starts at row {meta['start']}, expected {expected_start}: a shard is "
+                             "missing or repeated; merge every shard of the job once")
+        expected_start = meta["stop"]
+    if len(metas) != metas[0][0]["of"]:
+        raise SystemExit(f"got {len(metas)} shards of {metas[0][0]['of']}; merge every shard of the job")
+    batch_io.check_suffix(output, batch_io.OUTPUT_SUFFIXES, "output file")
+    tmp = output.with_name(output.name + ".tmp")
+    if output.suffix == ".npy":
+        with tmp.open("wb") as f:
+            np.save(f, np.concatenate([np.load(p) for _, p in metas]))
+    else:
+        with tmp.open("wb") as f:
+            for _, p in metas:
+                f.write(p.read_bytes())
+    os.replace(tmp, output)
+    _atomic_write(errors_path(output), b"".join(errors_path(p).read_bytes() for _, p in metas))
+    return 0
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("action", nargs="?", choices=["run", "merge"], default="run",
+                        help="run a job (default) or merge shard outputs")
+    parser.add_argument("parts", nargs="*", type=Path, help="merge: the shard outputs, in any order")
+    parser.add_argument("--input", type=Path, help=".npy, .jsonl or .csv")
+    parser.add_argument("--output", type=Path, required=True, help=".jsonl (id, label, logits) or .npy (logits)")
+    parser.add_argument("--model", default="digits")
+    parser.add_argument("--grpc", default="127.0.0.1:8001", help="the front door's gRPC address")
+    parser.add_argument("--token", default=None, help="bearer token, if the front door wants one")
+    parser.add_argument("--local", type=Path, default=None, help="run this .mar in-process, no server")
+    parser.add_argument("--rows-per-request", type=int, default=256)
+    parser.add_argument("--concurrency", type=int, default=4)
+    parser.add_argument("--timeout", type=float, default=30.0, help="deadline of each request, seconds")
+    parser.add_argument("--retry-for", type=float, default=120.0, help="seconds to keep retrying UNAVAILABLE")
+    parser.add_argument("--shard", default="0/1", help="i/N: process the i-th of N disjoint slices")
+    parser.add_argument("--no-progress", action="store_true")
+
+
+def _parse_shard(text: str) -> tuple[int, int]:
+    try:
+        i, n = (int(v) for v in text.split("/"))
+    except ValueError:
+        raise SystemExit(f"--shard takes i/N, e.g. 0/2; got {text!r}") from None
+    if not 0 <= i < n:
+        raise SystemExit(f"--shard {text}: need 0 <= i < N")
+    return i, n
+
+
+def main(args: argparse.Namespace) -> int:
+    if args.action == "merge":
+        return merge(args.parts, args.output)
+    if args.input is None:
+        raise SystemExit("--input is required: the .npy, .jsonl or .csv file of rows to predict")
+    if args.rows_per_request < 1 or args.concurrency < 1:
+        raise SystemExit("--rows-per-request and --concurrency must be at least 1")
+    batch_io.check_suffix(args.output, batch_io.OUTPUT_SUFFIXES, "output file")
+    config = BatchConfig(input=args.input, output=args.output, model=args.model, grpc=args.grpc, token=args.token,
+                         local=args.local, rows_per_request=args.rows_per_request, concurrency=args.concurrency,
+                         timeout_s=args.timeout, retry_for_s=args.retry_for, shard=_parse_shard(args.shard),
+                         progress=not args.no_progress and sys.stderr.isatty())
+    summary = asyncio.run(_main(config))
+    print(json.dumps({**asdict(summary), "rows_per_s": round(summary.rows_per_s, 1)}))
+    if summary.failed:
+        print(f"{summary.failed} row(s) failed; see {summary.errors}", file=sys.stderr)
+    return 1 if summary.failed else 0
+
+
+async def _main(config: BatchConfig) -> Summary:
+    if config.local is not None:
+        transport: Transport = LocalTransport(config.local)
+    else:
+        client = GrpcTransport(config.grpc, config.model, config.token, config.timeout_s)
+        try:
+            transport = await client.connect()
+        except Rejected as e:
+            await client.close()
+            raise JobFailed(f"cannot use model {config.model!r} at {config.grpc}: {e}") from None
+    try:
+        return await run_job(config, transport)
+    finally:
+        await transport.close()
