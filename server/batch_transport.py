@@ -10,14 +10,17 @@ import asyncio
 import json
 import tempfile
 import zipfile
+from collections.abc import Awaitable
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Protocol
+from typing import Protocol, TypeVar
 
 import grpc
 import numpy as np
 
 from handlers import codec
+
+T = TypeVar("T")
 
 RETRYABLE = frozenset({"UNAVAILABLE", "DEADLINE_EXCEEDED"})
 FATAL = frozenset({"UNAUTHENTICATED", "NOT_FOUND", "PERMISSION_DENIED", "UNIMPLEMENTED"})
@@ -39,47 +42,36 @@ class Transport(Protocol):
 
 
 class GrpcTransport:
-    """ModelInfer on the front door with raw tensor bytes, a deadline on every call."""
+    """ModelInfer on the front door (server.client: raw tensor bytes, a deadline on every call)."""
 
     def __init__(self, target: str, model: str, token: str | None, timeout_s: float) -> None:
-        from server.generated import grpc_service_pb2 as pb
-        from server.generated import grpc_service_pb2_grpc as pb_grpc
+        from server.client import Client
 
-        self._pb = pb
-        self._channel = grpc.aio.insecure_channel(
-            target, options=[("grpc.max_send_message_length", -1), ("grpc.max_receive_message_length", -1)]
-        )
-        self._stub = pb_grpc.GRPCInferenceServiceStub(self._channel)
-        self._metadata = (("authorization", f"Bearer {token}"),) if token else ()
+        self._client = Client(target, token=token, timeout=timeout_s)
         self._model = model
-        self._timeout = timeout_s
-        self.row_shape: tuple[int, ...] = ()
         self._input = "input"
+        self.row_shape: tuple[int, ...] = ()
 
     async def connect(self) -> GrpcTransport:
-        meta = await self._call(self._stub.ModelMetadata, self._pb.ModelMetadataRequest(name=self._model))
+        meta = await _rejecting(self._client.metadata(self._model))
         self._input = meta.inputs[0].name
         self.row_shape = tuple(int(d) for d in meta.inputs[0].shape[1:])
         return self
 
     async def infer(self, rows: np.ndarray) -> np.ndarray:
-        request = self._pb.ModelInferRequest(model_name=self._model)
-        tensor = request.inputs.add(name=self._input, datatype="FP32")
-        tensor.shape.extend(rows.shape)
-        request.outputs.add(name="logits")
-        request.raw_input_contents.append(np.ascontiguousarray(rows, dtype=np.float32).tobytes())
-        response = await self._call(self._stub.ModelInfer, request)
-        out = response.outputs[0]
-        return np.frombuffer(response.raw_output_contents[0], dtype=np.float32).reshape(tuple(out.shape))
-
-    async def _call(self, method, request):  # type: ignore[no-untyped-def]
-        try:
-            return await method(request, timeout=self._timeout, metadata=self._metadata)
-        except grpc.aio.AioRpcError as e:
-            raise Rejected(e.code().name, e.details() or "") from None
+        outputs = await _rejecting(self._client.infer(self._model, rows, outputs=("logits",),
+                                                      input_name=self._input))
+        return outputs["logits"]
 
     async def close(self) -> None:
-        await self._channel.close()
+        await self._client.close()
+
+
+async def _rejecting(call: Awaitable[T]) -> T:
+    try:
+        return await call
+    except grpc.aio.AioRpcError as e:
+        raise Rejected(e.code().name, e.details() or "") from None
 
 
 class LocalTransport:
