@@ -24,8 +24,10 @@ run: bootstrap
 lint: bootstrap
 	$(PY) -m ruff check .
 
+# tests/client uses tritonclient, whose generated `inference` protos cannot share a process with ours.
 test: lint
 	$(PY) -m pytest -q -p no:cacheprovider
+	$(PY) -m pytest -q -p no:cacheprovider tests/client
 
 bench: bootstrap
 	$(VENV)/bin/gradserve bench --config gradserve.yaml
