@@ -82,7 +82,7 @@ def encode(tensors: Mapping[str, np.ndarray]) -> bytes:
     for name, array in tensors.items():
         array = np.asarray(array)
         datatype = datatype_of(array.dtype)
-        data = np.ascontiguousarray(array, dtype=DATATYPES[datatype]).data.cast("B")
+        data = np.ascontiguousarray(array, dtype=DATATYPES[datatype]).reshape(-1).view(np.uint8)  # no copy
         entries.append(
             {"name": name, "datatype": datatype, "shape": list(array.shape), "offset": offset, "nbytes": len(data)}
         )

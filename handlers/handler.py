@@ -1,0 +1,118 @@
+"""TorchServe custom handler: validate each request on its own, run the valid ones in one eval-mode forward.
+
+Requests and responses are `handlers.codec` messages (see ARCHITECTURE.md); this file knows no transport.
+The archive ships it beside `handlers/codec.py`, `training/model.py`, `weights.pt` and `gradserve.json`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import inspect
+import json
+import logging
+import os
+from collections import Counter
+from collections.abc import Sequence
+from itertools import accumulate
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from ts.torch_handler.base_handler import BaseHandler
+
+from handlers import codec
+from training.model import build_model
+
+logger = logging.getLogger(__name__)
+
+# A request is either its validated input rows or the error payload that answers it.
+Parsed = np.ndarray | bytes
+
+
+class DigitsHandler(BaseHandler):
+    def initialize(self, context: Any) -> None:
+        props = context.system_properties
+        model_dir = Path(props["model_dir"])
+        self.spec: dict[str, Any] = json.loads((model_dir / "gradserve.json").read_text())
+        weights = model_dir / self.spec["weights"]["file"]
+        digest = hashlib.sha256(weights.read_bytes()).hexdigest()
+        if digest != self.spec["weights"]["sha256"]:
+            raise RuntimeError(f"{weights.name} has sha256 {digest}, the manifest says "
+                               f"{self.spec['weights']['sha256']}: refusing weights that were altered; repackage")
+
+        gpu_id = props.get("gpu_id")
+        use_cuda = gpu_id is not None and torch.cuda.is_available()
+        self.device = torch.device(f"cuda:{gpu_id}" if use_cuda else "cpu")
+        # Workers of one model share the cores: workers x threads must not oversubscribe them.
+        workers = int((getattr(context, "model_yaml_config", None) or {}).get("maxWorkers", 1))
+        torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // max(1, workers)))
+
+        model = build_model(self.spec["model_config"])
+        model.load_state_dict(torch.load(weights, map_location=self.device, weights_only=True))
+        self.model = model.to(self.device).eval()
+        if any(m.training for m in self.model.modules()):
+            raise RuntimeError("a module is still in training mode after eval()")
+
+        self.row_shape = tuple(self.spec["inputs"][0]["shape"][1:])  # (C, H, W)
+        self.input_name = self.spec["inputs"][0]["name"]
+        self.max_rows = int(self.spec["max_rows"])
+        self.expected = (f"one FP32 tensor {self.input_name!r} of shape [n, {', '.join(map(str, self.row_shape))}]"
+                         f" with 1 <= n <= {self.max_rows} and finite values")
+        self.batch_sizes: Counter[int] = Counter()  # requests per handle() call, as TorchServe batched them
+        with torch.inference_mode():
+            self.model(torch.zeros((2, *self.row_shape), device=self.device))  # warm-up
+        self.initialized = True
+        logger.info("gradserve handler ready: %s v%s on %s, %d threads, model code %s", self.spec["name"],
+                    self.spec["version"], self.device, torch.get_num_threads(), inspect.getfile(build_model))
+
+    def handle(self, data: list[dict[str, Any]], context: Any) -> list[bytes]:
+        self.context = context
+        parsed = self.preprocess(data)
+        rows = [p for p in parsed if isinstance(p, np.ndarray)]
+        self.batch_sizes[len(data)] += 1
+        logger.info("gradserve batch: %d requests, %d rows", len(data), sum(len(r) for r in rows))
+        if not rows:
+            return [p for p in parsed if isinstance(p, bytes)]
+        x = torch.from_numpy(np.concatenate(rows))  # (N, C, H, W): the one copy of the inputs
+        answers = iter(self.postprocess(self.inference(x), [len(r) for r in rows]))
+        return [next(answers) if isinstance(p, np.ndarray) else p for p in parsed]
+
+    def preprocess(self, data: list[dict[str, Any]]) -> list[Parsed]:
+        return [self._validate(request) for request in data]
+
+    def inference(self, data: torch.Tensor, *args: Any, **kwargs: Any) -> dict[str, torch.Tensor]:
+        with torch.inference_mode():
+            logits = self.model(data.to(self.device, non_blocking=True))  # (N, K)
+            return {"logits": logits, "label": logits.argmax(dim=1), "probabilities": logits.softmax(dim=1)}
+
+    def postprocess(self, data: dict[str, torch.Tensor], row_counts: Sequence[int] = ()) -> list[bytes]:
+        """Split the batch's outputs back into one encoded response per request of `row_counts` rows."""
+        arrays = {name: t.cpu().numpy() for name, t in data.items()}
+        ends = list(accumulate(row_counts or [len(arrays["label"])]))
+        return [codec.encode({name: a[start:end] for name, a in arrays.items()})  # row slices are views
+                for start, end in zip([0, *ends[:-1]], ends, strict=True)]
+
+    def _validate(self, request: dict[str, Any]) -> Parsed:
+        payload = request.get("data") or request.get("body")
+        if not isinstance(payload, bytes | bytearray):
+            return self._invalid("the request must carry a handlers.codec message as raw bytes "
+                                 f"in 'data' or 'body', got {type(payload).__name__}")
+        try:
+            message = codec.decode(payload)
+        except codec.CodecError as e:
+            return self._invalid(str(e))
+        x = message.tensors.get(self.input_name)
+        if x is None or len(message.tensors) != 1:
+            return self._invalid(f"expected {self.expected}; got tensors {sorted(message.tensors)}")
+        if x.dtype != np.float32 or x.ndim != 4 or x.shape[1:] != self.row_shape:
+            return self._invalid(f"expected {self.expected}; got {codec.datatype_of(x.dtype)} {list(x.shape)}")
+        if not 1 <= len(x) <= self.max_rows:
+            return self._invalid(f"expected {self.expected}; got n = {len(x)}")
+        if not np.isfinite(x).all():
+            return self._invalid(f"expected {self.expected}; got NaN or infinite values")
+        return x
+
+    @staticmethod
+    def _invalid(message: str) -> bytes:
+        return codec.encode_error(codec.INVALID_ARGUMENT, message)

@@ -1,0 +1,165 @@
+"""The custom handler without a server: an archive extracted as TorchServe would, a mock context."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import zipfile
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from run_fixtures import digits, make_run, selected_model
+
+from handlers import codec
+from handlers.handler import DigitsHandler
+from training.package import PackageConfig, package
+
+
+def context(model_dir: Path, workers: int = 2) -> SimpleNamespace:
+    """What TorchServe hands the handler; two workers -> one torch thread each on this 2-core box."""
+    return SimpleNamespace(system_properties={"model_dir": str(model_dir), "gpu_id": None, "batch_size": 32},
+                           model_yaml_config={"maxWorkers": workers}, manifest={}, metrics=None)
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_run(tmp_path_factory.mktemp("runs"))
+
+
+@pytest.fixture(scope="module")
+def model_dir(run: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    store = tmp_path_factory.mktemp("store")
+    archive = package(run, PackageConfig(model_store=str(store), max_rows=256))
+    target = tmp_path_factory.mktemp("extracted")
+    with zipfile.ZipFile(archive) as z:
+        z.extractall(target)
+    return target
+
+
+@pytest.fixture(scope="module")
+def handler(model_dir: Path) -> DigitsHandler:
+    h = DigitsHandler()
+    h.initialize(context(model_dir))
+    return h
+
+
+@pytest.fixture(scope="module")
+def reference(run: Path) -> torch.nn.Module:
+    return selected_model(run)
+
+
+def request(x: np.ndarray, key: str = "data") -> dict[str, bytes]:
+    return {key: codec.encode({"input": x})}
+
+
+def expected(model: torch.nn.Module, x: np.ndarray) -> np.ndarray:
+    with torch.no_grad():
+        return model(torch.from_numpy(x)).numpy()
+
+
+def test_model_is_in_eval_mode(handler: DigitsHandler) -> None:
+    assert not any(m.training for m in handler.model.modules())
+    assert handler.device == torch.device("cpu")
+
+
+def test_mixed_row_counts_in_one_batch(handler: DigitsHandler, reference: torch.nn.Module) -> None:
+    images = digits()[0]
+    counts = [1, 5, 64, 3, 256]
+    inputs = [images[i * 10: i * 10 + n] for i, n in enumerate(counts)]
+    data = [request(x) for x in inputs[:-1]] + [{"body": bytearray(codec.encode({"input": inputs[-1]}))}]
+    seen = handler.batch_sizes[len(counts)]
+    responses = handler.handle(data, context(Path()))
+    assert len(responses) == len(counts)
+    assert handler.batch_sizes[len(counts)] == seen + 1  # the handler records how many requests it was handed
+    for x, response in zip(inputs, responses, strict=True):
+        out = codec.decode(response)
+        assert out.error is None
+        assert out.tensors["logits"].dtype == np.float32 and out.tensors["logits"].shape == (len(x), 10)
+        assert out.tensors["label"].dtype == np.int64 and out.tensors["label"].shape == (len(x),)
+        np.testing.assert_allclose(out.tensors["logits"], expected(reference, x), atol=1e-5, rtol=0)
+        np.testing.assert_array_equal(out.tensors["label"], expected(reference, x).argmax(1))
+        np.testing.assert_allclose(out.tensors["probabilities"].sum(1), 1.0, atol=1e-5)
+
+
+@pytest.mark.parametrize("bad, says", [
+    ({"data": b"not a tensor message"}, "bad magic"),
+    ({"data": "a string"}, "raw bytes"),
+    ({"data": codec.encode({"input": np.zeros((2, 1, 8, 8), np.float64)})}, "got FP64 [2, 1, 8, 8]"),
+    ({"data": codec.encode({"input": np.zeros((2, 8, 8), np.float32)})}, "got FP32 [2, 8, 8]"),
+    ({"data": codec.encode({"input": np.zeros((0, 1, 8, 8), np.float32)})}, "got n = 0"),
+    ({"data": codec.encode({"input": np.zeros((257, 1, 8, 8), np.float32)})}, "got n = 257"),
+    ({"data": codec.encode({"input": np.full((2, 1, 8, 8), np.nan, np.float32)})}, "NaN or infinite"),
+    ({"data": codec.encode({"pixels": np.zeros((2, 1, 8, 8), np.float32)})}, "got tensors ['pixels']"),
+    ({"data": codec.encode_error(codec.INTERNAL, "x")}, "got tensors []"),
+])
+def test_one_malformed_request_fails_alone(handler: DigitsHandler, reference: torch.nn.Module,
+                                           bad: dict, says: str) -> None:
+    good = digits()[0][:7]
+    responses = handler.handle([request(good[:3]), bad, request(good[3:])], context(Path()))
+    assert len(responses) == 3
+    error = codec.decode(responses[1]).error
+    assert error is not None and error.code == codec.INVALID_ARGUMENT
+    assert says in error.message
+    for response, x in ((responses[0], good[:3]), (responses[2], good[3:])):
+        np.testing.assert_allclose(codec.decode(response).tensors["logits"], expected(reference, x), atol=1e-5)
+
+
+def test_a_batch_of_only_bad_requests(handler: DigitsHandler) -> None:
+    responses = handler.handle([{"data": b"x"}, {"body": b"y"}], context(Path()))
+    assert [codec.decode(r).error.code for r in responses] == [codec.INVALID_ARGUMENT] * 2
+
+
+def test_tampered_weights_are_refused(model_dir: Path, tmp_path: Path) -> None:
+    tampered = tmp_path / "model"
+    shutil.copytree(model_dir, tampered)
+    weights = tampered / "weights.pt"
+    blob = bytearray(weights.read_bytes())
+    blob[-100] ^= 0x01
+    weights.write_bytes(bytes(blob))
+    with pytest.raises(RuntimeError, match="sha256"):
+        DigitsHandler().initialize(context(tampered))
+
+
+def test_rows_are_batch_invariant(handler: DigitsHandler, reference: torch.nn.Module) -> None:
+    rng = np.random.default_rng(0)
+    images = digits()[0]
+    rows = images[rng.choice(len(images), 16, replace=False)]
+    for row in rows:
+        alone = codec.decode(handler.handle([request(row[None])], context(Path()))[0]).tensors
+        others = rng.random((64, 1, 8, 8), dtype=np.float32)
+        at = int(rng.integers(64))
+        others[at] = row
+        # ... inside one request of 64 rows, at a random position ...
+        batched = codec.decode(handler.handle([request(others)], context(Path()))[0]).tensors
+        # ... and as its own request between two requests of 32 other rows each.
+        among = handler.handle([request(others[:32]), request(row[None]), request(others[32:])], context(Path()))
+        among_requests = codec.decode(among[1]).tensors
+        truth = expected(reference, row[None])
+        for name in ("logits", "probabilities"):
+            assert np.abs(alone[name][0] - batched[name][at]).max() <= 1e-5
+            assert np.abs(alone[name][0] - among_requests[name][0]).max() <= 1e-5
+        assert np.abs(alone["logits"] - truth).max() <= 1e-5
+        assert alone["label"][0] == batched["label"][at] == among_requests["label"][0] == truth.argmax()
+
+
+def test_batchnorm_statistics_do_not_move(handler: DigitsHandler) -> None:
+    before = {k: v.clone() for k, v in handler.model.state_dict().items()}
+    assert any("running_mean" in k for k in before)
+    rng = np.random.default_rng(1)
+    payloads = [request(rng.random((n, 1, 8, 8), dtype=np.float32)) for n in (1, 2, 7, 16)]
+    for _ in range(500):  # 2000 inference requests, 13000 rows
+        handler.handle(payloads, context(Path()))
+    for key, value in handler.model.state_dict().items():
+        assert torch.equal(value, before[key]), key
+
+
+def test_threads_share_the_cores_between_workers(model_dir: Path) -> None:
+    h = DigitsHandler()
+    try:
+        h.initialize(context(model_dir, workers=64))
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(max(1, len(os.sched_getaffinity(0))))

@@ -1,0 +1,114 @@
+"""`gradserve package`: archive content, manifest, weights digest, fallback refusal, versions."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import shutil
+import zipfile
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from run_fixtures import make_run
+
+from gradserve.cli import main as gradserve
+from training.package import PackageConfig, PackageRefused, package
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_run(tmp_path_factory.mktemp("runs"))
+
+
+def fallback_copy(run: Path, where: Path) -> Path:
+    """The same run, but its selection fell back (rule_satisfied false)."""
+    copy = where / "digits"
+    shutil.copytree(run, copy)
+    chosen = json.loads((copy / "selection.json").read_text())
+    chosen["selection"].update(rule_satisfied=False, eligible=[], reason="fallback: no settled decline")
+    (copy / "selection.json").write_text(json.dumps(chosen))
+    return copy
+
+
+def read(archive: Path, name: str) -> bytes:
+    with zipfile.ZipFile(archive) as z:
+        return z.read(name)
+
+
+def test_cli_builds_the_archive_with_the_contract_layout(run: Path, tmp_path: Path) -> None:
+    store = tmp_path / "store"
+    code = gradserve(["package", "--run", str(run), "--model-store", str(store),
+                      "--config", str(ROOT / "gradserve.yaml")])
+    assert code == 0
+    archive = store / "digits.mar"
+    with zipfile.ZipFile(archive) as z:
+        names = set(z.namelist())
+    assert names == {"MAR-INF/MANIFEST.json", "handler.py", "weights.pt", "model-config.yaml", "gradserve.json",
+                     "handlers/__init__.py", "handlers/codec.py", "training/__init__.py", "training/model.py"}
+    assert read(archive, "training/__init__.py") == b""
+    assert read(archive, "handlers/codec.py") == (ROOT / "handlers/codec.py").read_bytes()
+    assert read(archive, "training/model.py") == (ROOT / "training/model.py").read_bytes()
+    assert read(archive, "handler.py") == (ROOT / "handlers/handler.py").read_bytes()
+    mar = json.loads(read(archive, "MAR-INF/MANIFEST.json"))["model"]
+    assert (mar["modelName"], mar["modelVersion"], mar["handler"]) == ("digits", "1.0", "handler.py")
+    assert yaml.safe_load(read(archive, "model-config.yaml")) == {
+        "batchSize": 32, "maxBatchDelay": 5, "minWorkers": 1, "maxWorkers": 1, "responseTimeout": 30}
+    assert (store / "digits-1.0.mar").read_bytes() == archive.read_bytes()
+
+
+def test_manifest_and_weights(run: Path, tmp_path: Path) -> None:
+    archive = package(run, PackageConfig(model_store=str(tmp_path), max_rows=512))
+    manifest = json.loads(read(archive, "gradserve.json"))
+    chosen = json.loads((run / "selection.json").read_text())
+    index = chosen["selection"]["index"]
+    assert manifest["format_version"] == 1 and manifest["platform"] == "pytorch_torchserve"
+    assert (manifest["name"], manifest["version"], manifest["max_rows"]) == ("digits", "1.0", 512)
+    assert manifest["inputs"] == [{"name": "input", "datatype": "FP32", "shape": [-1, 1, 8, 8]}]
+    assert [(o["name"], o["datatype"], o["shape"]) for o in manifest["outputs"]] == [
+        ("logits", "FP32", [-1, 10]), ("label", "INT64", [-1]), ("probabilities", "FP32", [-1, 10])]
+    assert manifest["labels"] == [str(i) for i in range(10)]
+    assert manifest["selection"]["record"] == chosen["records"][index]
+    assert manifest["selection"]["step"] == chosen["selection"]["step"]
+    assert manifest["rule"] == chosen["rule"] and manifest["baseline_loss"] == chosen["baseline_loss"]
+    assert manifest["rule_satisfied"] is True and manifest["allow_fallback"] is False
+    checkpoint = torch.load(run / chosen["checkpoints"][index], weights_only=True)
+    assert manifest["model_config"] == checkpoint["model_config"]
+    assert manifest["training_config"] == checkpoint["config"]
+
+    weights = read(archive, "weights.pt")
+    assert manifest["weights"] == {"file": "weights.pt", "sha256": hashlib.sha256(weights).hexdigest()}
+    state = torch.load(io.BytesIO(weights), weights_only=True)  # the state_dict only, no optimizer state
+    assert state.keys() == checkpoint["state_dict"].keys()
+    assert all(torch.equal(state[k], checkpoint["state_dict"][k]) for k in state)
+
+
+def test_fallback_selection_is_refused_unless_allowed(run: Path, tmp_path: Path,
+                                                      capsys: pytest.CaptureFixture[str]) -> None:
+    fallback = fallback_copy(run, tmp_path)
+    store = tmp_path / "store"
+    assert gradserve(["package", "--run", str(fallback), "--model-store", str(store)]) == 2
+    message = capsys.readouterr().out
+    assert "fell back" in message and "--allow-fallback" in message
+    assert not store.exists() or not list(store.iterdir())
+
+    archive = package(fallback, PackageConfig(model_store=str(store)), allow_fallback=True)
+    manifest = json.loads(read(archive, "gradserve.json"))
+    assert manifest["rule_satisfied"] is False and manifest["allow_fallback"] is True
+
+
+def test_a_new_version_keeps_the_old_archive(run: Path, tmp_path: Path) -> None:
+    package(run, PackageConfig(model_store=str(tmp_path), version="1.0"))
+    old = (tmp_path / "digits-1.0.mar").read_bytes()
+    package(run, PackageConfig(model_store=str(tmp_path), version="2.0"))
+    assert (tmp_path / "digits-1.0.mar").read_bytes() == old
+    assert json.loads(read(tmp_path / "digits-1.0.mar", "gradserve.json"))["version"] == "1.0"
+    assert json.loads(read(tmp_path / "digits.mar", "gradserve.json"))["version"] == "2.0"
+    assert json.loads(read(tmp_path / "digits-2.0.mar", "MAR-INF/MANIFEST.json"))["model"]["modelVersion"] == "2.0"
+    with pytest.raises(PackageRefused, match="new --version"):
+        package(run, PackageConfig(model_store=str(tmp_path), version="1.0"))
+    assert (tmp_path / "digits-1.0.mar").read_bytes() == old

@@ -1,0 +1,155 @@
+"""A real TorchServe (Java) on free loopback ports, token auth on, model API off, serving digits.mar."""
+
+from __future__ import annotations
+
+import io
+import ipaddress
+import json
+import re
+import urllib.error
+import urllib.request
+import zipfile
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+
+import grpc
+import numpy as np
+import psutil
+import pytest
+import torch
+from run_fixtures import digits
+from torchserve_fixtures import packaged_store, predictions_stub, running_torchserve
+
+from handlers import codec
+from server.generated import torchserve_pb2
+from server.torchserve import TorchServe, TorchServeError, archive_model_name, check_java
+from training.model import build_model
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return packaged_store(tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def torchserve(store: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[TorchServe]:
+    with running_torchserve(store, tmp_path_factory.mktemp("torchserve")) as ts:
+        yield ts
+
+
+def reference_model(store: Path) -> torch.nn.Module:
+    """The model rebuilt from the archive's manifest and weights, in eval mode, outside TorchServe."""
+    with zipfile.ZipFile(store / "digits.mar") as z:
+        manifest = json.loads(z.read("gradserve.json"))
+        state = torch.load(io.BytesIO(z.read("weights.pt")), weights_only=True)
+    model = build_model(manifest["model_config"])
+    model.load_state_dict(state)
+    return model.eval()
+
+
+def test_everything_listens_on_loopback_only(torchserve: TorchServe) -> None:
+    tree = psutil.Process(torchserve.pid)
+    listening = [c.laddr for p in [tree, *tree.children(recursive=True)]
+                 for c in p.net_connections(kind="inet") if c.status == psutil.CONN_LISTEN]
+    assert listening and all(_loopback(addr.ip) for addr in listening), listening
+    assert torchserve.config.grpc_inference_port in {addr.port for addr in listening}
+    written = dict(line.split("=", 1) for line in (torchserve.config.workdir / "config.properties").read_text().split())
+    assert written["enable_model_api"] == "false" and written["disable_token_authorization"] == "false"
+    assert written["install_py_dep_per_model"] == "false"
+
+
+def test_missing_java_says_what_to_install(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("JAVA_HOME", str(tmp_path / "no-java"))
+    with pytest.raises(TorchServeError, match="openjdk-17-jre-headless"):
+        check_java()
+
+
+def _loopback(ip: str) -> bool:
+    address = ipaddress.ip_address(ip)
+    return getattr(address, "ipv4_mapped", None) == ipaddress.ip_address("127.0.0.1") or str(address) == "127.0.0.1"
+
+
+def test_200_concurrent_predictions_are_batched_and_correct(torchserve: TorchServe, store: Path) -> None:
+    stub, metadata = predictions_stub(torchserve)
+    rng = np.random.default_rng(0)
+    images = digits()[0]
+    bad = {13: b"garbage", 57: codec.encode({"input": images[:2].astype(np.float64)}),
+           101: codec.encode({"input": images[:3, :, :4]}), 177: codec.encode({"input": np.full((2, 1, 8, 8), np.inf,
+                                                                                               np.float32)})}
+    inputs = {i: images[rng.choice(len(images), int(rng.integers(1, 33)))] for i in range(200) if i not in bad}
+    payloads = {**{i: codec.encode({"input": x}) for i, x in inputs.items()}, **bad}
+    futures = {i: stub.Predictions.future(torchserve_pb2.PredictionsRequest(model_name="digits",
+                                                                             input={"data": payloads[i]}),
+                                          metadata=metadata, timeout=60) for i in range(200)}
+    replies = {i: codec.decode(f.result().prediction) for i, f in futures.items()}
+
+    model = reference_model(store)
+    for i, x in inputs.items():
+        assert replies[i].error is None, replies[i].error
+        with torch.no_grad():
+            logits = model(torch.from_numpy(x)).numpy()
+        np.testing.assert_allclose(replies[i].tensors["logits"], logits, atol=1e-5, rtol=0)
+        np.testing.assert_array_equal(replies[i].tensors["label"], logits.argmax(1))
+    for i in bad:
+        assert replies[i].error is not None and replies[i].error.code == codec.INVALID_ARGUMENT
+        assert replies[i].error.message
+    assert "bad magic" in replies[13].error.message
+    assert "FP64" in replies[57].error.message and "[n, 1, 8, 8]" in replies[101].error.message
+
+    log = torchserve.model_log_path.read_text()
+    sizes = [int(n) for n in re.findall(r"gradserve batch: (\d+) requests", log)]
+    assert sum(sizes) >= 200 and max(sizes) > 1, f"TorchServe never batched: {sizes}"
+    # The worker ran the model code shipped in the archive, not the repository's.
+    assert re.search(r"model code .*/models/.*/training/model\.py", log)
+
+
+def test_requests_without_the_token_are_refused(torchserve: TorchServe) -> None:
+    stub, _ = predictions_stub(torchserve)
+    request = torchserve_pb2.PredictionsRequest(model_name="digits", input={"data": b""})
+    for metadata in ([], [("authorization", "Bearer wrong")]):
+        with pytest.raises(grpc.RpcError) as refused:
+            stub.Predictions(request, metadata=metadata, timeout=10)
+        assert refused.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    with pytest.raises(urllib.error.HTTPError) as http:
+        urllib.request.urlopen(f"{torchserve.inference_url}/predictions/digits", data=b"x", timeout=10)
+    assert http.value.code == 400 and b"Token Authorization failed" in http.value.read()  # TorchServe's choice
+
+
+def test_renewed_keys_replace_the_old_ones(torchserve: TorchServe) -> None:
+    stub, old_metadata = predictions_stub(torchserve)
+    old = torchserve.read_keys()
+    assert old.expires > datetime.now(UTC)
+    new = torchserve.renew_keys()
+    assert new.inference != old.inference and new.expires >= old.expires
+    payload = codec.encode({"input": digits()[0][:1]})
+    request = torchserve_pb2.PredictionsRequest(model_name="digits", input={"data": payload})
+    with pytest.raises(grpc.RpcError):
+        stub.Predictions(request, metadata=old_metadata, timeout=10)
+    reply = stub.Predictions(request, metadata=[("authorization", f"Bearer {new.inference}")], timeout=10)
+    assert codec.decode(reply.prediction).error is None
+
+
+def test_model_api_is_off(torchserve: TorchServe, store: Path) -> None:
+    keys = torchserve.read_keys()
+    register = urllib.request.Request(f"{torchserve.management_url}/models?url=digits-1.0.mar&model_name=other",
+                                      method="POST", headers={"Authorization": f"Bearer {keys.management}"})
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        urllib.request.urlopen(register, timeout=10)
+    assert refused.value.code in (403, 405)
+    assert archive_model_name(store / "digits.mar") == "digits"
+
+
+def test_rest_body_carries_the_same_bytes(torchserve: TorchServe, store: Path) -> None:
+    x = digits()[0][:4]
+    request = urllib.request.Request(f"{torchserve.inference_url}/predictions/digits",
+                                     data=codec.encode({"input": x}), method="POST",
+                                     headers={"Authorization": f"Bearer {torchserve.read_keys().inference}",
+                                              "Content-Type": "application/octet-stream"})
+    with urllib.request.urlopen(request, timeout=30) as response:
+        reply = codec.decode(response.read())
+    with torch.no_grad():
+        expected = reference_model(store)(torch.from_numpy(x)).numpy()
+    np.testing.assert_allclose(reply.tensors["logits"], expected, atol=1e-5, rtol=0)

@@ -1,0 +1,167 @@
+"""`gradserve package --run runs/<name>`: the selected checkpoint -> model_store/<name>.mar.
+
+The archive (built by torch-model-archiver) holds the handler, the packages it imports (handlers/codec.py,
+training/model.py with an empty training/__init__.py), the weights of the selected checkpoint only,
+model-config.yaml and the gradserve.json manifest (ARCHITECTURE.md, "Archive").
+
+Versions: every build writes `<name>-<version>.mar`, which is never overwritten (unless --force), and
+copies it to `<name>.mar`, the latest build. Both carry model name <name> and their version in
+MAR-INF/MANIFEST.json, so TorchServe can load an older version beside the latest one by file name.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import re
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+import handlers.codec
+import training.model
+from gradserve.config import build, load_file
+
+
+@dataclass(frozen=True)
+class PackageConfig:
+    version: str = "1.0"
+    model_store: str = "model_store"
+    batch_size: int = 32            # TorchServe batchSize: requests handed to one handle() call
+    max_batch_delay_ms: int = 5     # TorchServe maxBatchDelay
+    min_workers: int = 1
+    max_workers: int = 1
+    response_timeout_s: int = 30
+    max_rows: int = 1024            # rows one request may carry
+
+    def __post_init__(self) -> None:
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", str(self.version)):
+            raise ValueError(f"version {self.version!r} must be letters, digits, '.', '_' or '-' (e.g. 1.0)")
+        object.__setattr__(self, "version", str(self.version))
+
+
+class PackageRefused(Exception):
+    """The run cannot be packaged as asked; the message says why and what to do."""
+
+
+def package(run: Path, config: PackageConfig, allow_fallback: bool = False, force: bool = False) -> Path:
+    """Build the archive of `run`'s selected checkpoint; returns the path of model_store/<name>.mar."""
+    name = run.resolve().name
+    selection_file = run / "selection.json"
+    if not selection_file.exists():
+        raise PackageRefused(f"{selection_file} does not exist: train the run first (gradserve train)")
+    chosen = json.loads(selection_file.read_text())
+    selection = chosen["selection"]
+    if not selection["rule_satisfied"] and not allow_fallback:
+        raise PackageRefused(
+            f"the selection of {run} fell back ({selection['reason']}); the gradient-norm rule chose no "
+            "checkpoint. Retrain, redo the choice with other rule parameters (gradserve select), "
+            "or pass --allow-fallback to package the fallback anyway (the manifest will say so)")
+    store = Path(config.model_store)
+    versioned = store / f"{name}-{config.version}.mar"
+    if versioned.exists() and not force:
+        raise PackageRefused(f"{versioned} already exists and versions are not rebuilt: pass a new --version "
+                             "(or --force to replace this one)")
+
+    checkpoint_path = run / chosen["checkpoints"][selection["index"]]
+    checkpoint = torch.load(checkpoint_path, map_location="cpu", weights_only=True)
+    with tempfile.TemporaryDirectory(prefix="gradserve-package-") as tmp:
+        stage, extra = Path(tmp), Path(tmp) / "extra"
+        _stage_packages(extra)
+        weights = stage / "weights.pt"
+        torch.save(checkpoint["state_dict"], weights)
+        manifest = _manifest(name, config, chosen, checkpoint, _sha256(weights), allow_fallback)
+        (extra / "gradserve.json").write_text(json.dumps(manifest, indent=2))
+        model_config = stage / "model-config.yaml"
+        model_config.write_text(yaml.safe_dump({
+            "minWorkers": config.min_workers, "maxWorkers": config.max_workers, "batchSize": config.batch_size,
+            "maxBatchDelay": config.max_batch_delay_ms, "responseTimeout": config.response_timeout_s}))
+        built = _archive(name, config.version, stage, weights, model_config, extra)
+        store.mkdir(parents=True, exist_ok=True)
+        for target in (versioned, store / f"{name}.mar"):
+            partial = target.with_name(f".{target.name}.partial")
+            shutil.copyfile(built, partial)
+            partial.replace(target)  # atomic: TorchServe never sees half an archive
+    return store / f"{name}.mar"
+
+
+def _stage_packages(extra: Path) -> None:
+    """The packages the handler imports, in their package layout (the archive root is on sys.path)."""
+    (extra / "handlers").mkdir(parents=True)
+    (extra / "training").mkdir()
+    source = Path(handlers.codec.__file__).parent
+    shutil.copyfile(source / "__init__.py", extra / "handlers" / "__init__.py")
+    shutil.copyfile(source / "codec.py", extra / "handlers" / "codec.py")
+    shutil.copyfile(training.model.__file__, extra / "training" / "model.py")
+    (extra / "training" / "__init__.py").write_text("")  # not the repo's: the archive carries the model only
+
+
+def _archive(name: str, version: str, stage: Path, weights: Path, model_config: Path, extra: Path) -> Path:
+    from model_archiver.model_archiver_config import ModelArchiverConfig
+    from model_archiver.model_packaging import generate_model_archive
+
+    out = stage / "out"
+    out.mkdir()
+    generate_model_archive(ModelArchiverConfig(
+        model_name=name, version=version, handler=str(Path(handlers.codec.__file__).parent / "handler.py"),
+        serialized_file=str(weights), extra_files=str(extra), config_file=str(model_config),
+        export_path=str(out), force=True))
+    return out / f"{name}.mar"
+
+
+def _manifest(name: str, config: PackageConfig, chosen: dict[str, Any], checkpoint: dict[str, Any],
+              sha256: str, allow_fallback: bool) -> dict[str, Any]:
+    model_config = training.model.ModelConfig.from_dict(checkpoint["model_config"])
+    k = model_config.num_classes
+    data = checkpoint.get("data", {})
+    selection = chosen["selection"]
+    return {
+        "format_version": 1, "name": name, "version": config.version, "platform": "pytorch_torchserve",
+        "inputs": [{"name": "input", "datatype": "FP32",
+                    "shape": [-1, model_config.in_channels, model_config.height, model_config.width]}],
+        "outputs": [{"name": "logits", "datatype": "FP32", "shape": [-1, k]},
+                    {"name": "label", "datatype": "INT64", "shape": [-1]},
+                    {"name": "probabilities", "datatype": "FP32", "shape": [-1, k]}],
+        "labels": data.get("labels", [str(i) for i in range(k)]),
+        "max_rows": config.max_rows,
+        "input_scale": "pixel intensities scaled to [0, 1]",
+        "selection": {**selection, "record": chosen["records"][selection["index"]]},
+        "rule": chosen["rule"], "baseline_loss": chosen["baseline_loss"],
+        "rule_satisfied": bool(selection["rule_satisfied"]), "allow_fallback": allow_fallback,
+        "weights": {"file": "weights.pt", "sha256": sha256},
+        "model_config": model_config.to_dict(), "training_config": checkpoint.get("config", {}),
+        "source": {"checkpoint": chosen["checkpoints"][selection["index"]], "step": checkpoint.get("step")},
+    }
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--run", required=True, type=Path, help="run directory, e.g. runs/digits")
+    parser.add_argument("--version", help="archive version (default: package.version of the config)")
+    parser.add_argument("--allow-fallback", action="store_true",
+                        help="package even when the selection rule was not satisfied (the manifest says so)")
+    parser.add_argument("--model-store", help="folder of the archives (default: package.model_store)")
+    parser.add_argument("--force", action="store_true", help="replace an existing archive of the same version")
+    parser.add_argument("--config", type=Path, help="gradserve.yaml (default: ./gradserve.yaml if present)")
+
+
+def main(args: argparse.Namespace) -> int:
+    path = args.config or (Path("gradserve.yaml") if Path("gradserve.yaml").exists() else None)
+    config = build(PackageConfig, load_file(path).get("package"),
+                   {"version": args.version, "model_store": args.model_store})
+    try:
+        archive = package(args.run, config, allow_fallback=args.allow_fallback, force=args.force)
+    except PackageRefused as e:
+        print(f"gradserve package: {e}")
+        return 2
+    print(f"wrote {archive} and {archive.with_name(f'{archive.stem}-{config.version}.mar')}")
+    return 0
