@@ -1,0 +1,107 @@
+"""`gradserve train --config gradserve.yaml [flags]`: flags override the file's `train:` section.
+
+`--nproc N` starts N local processes that train with DDP (gloo on CPU, NCCL on CUDA). The module also runs
+under torchrun: `torchrun --standalone --nproc_per_node=2 -m training.cli --config gradserve.yaml`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import socket
+import sys
+from typing import Any
+
+import torch.multiprocessing as mp
+
+from gradserve.config import build, load_file
+from training import distributed
+from training.config import TrainConfig
+from training.distributed import Dist
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", default="gradserve.yaml", help="YAML file with a train: section")
+    parser.add_argument("--name", help="run name: writes runs_dir/<name>/")
+    parser.add_argument("--runs-dir", dest="runs_dir")
+    parser.add_argument("--epochs", type=int)
+    parser.add_argument("--batch-size", dest="batch_size", type=int, help="per process")
+    parser.add_argument("--lr", type=float)
+    parser.add_argument("--seed", type=int)
+    parser.add_argument("--norm", choices=("batch", "group", "layer"), help="model.norm")
+    parser.add_argument("--eval-every", dest="eval_every", type=int, help="iterations between evaluations")
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"))
+    parser.add_argument("--threads", type=int, help="torch threads per process")
+    parser.add_argument("--sync-bn", dest="sync_bn", action="store_true", default=None)
+    parser.add_argument("--no-progress", dest="progress", action="store_false", default=None)
+    parser.add_argument("--resume", action="store_true", help="continue runs_dir/<name>/checkpoints/last.pt")
+    parser.add_argument("--nproc", type=int, default=1, help="local DDP processes (gloo on CPU)")
+
+
+def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    section: dict[str, Any] = dict(load_file(args.config).get("train") or {})
+    if args.norm:
+        section["model"] = {**(section.get("model") or {}), "norm": args.norm}
+    names = (
+        "name",
+        "runs_dir",
+        "epochs",
+        "batch_size",
+        "lr",
+        "seed",
+        "eval_every",
+        "device",
+        "threads",
+        "sync_bn",
+        "progress",
+    )
+    try:
+        return build(TrainConfig, section, {n: getattr(args, n) for n in names})
+    except (TypeError, ValueError) as e:
+        raise SystemExit(f"{args.config}: {e}") from e
+
+
+def run(cfg: TrainConfig, dist: Dist, resume: bool) -> None:
+    from training.train import train  # heavy imports only once the config is known to be valid
+
+    distributed.init(dist, cfg.device)
+    try:
+        train(cfg, dist=dist, resume=resume)
+    finally:
+        distributed.close(dist)
+
+
+def spawned(rank: int, cfg: TrainConfig, world: int, port: int, resume: bool) -> None:
+    """One of --nproc processes: the same environment torchrun would give it."""
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank)
+    )
+    logging.basicConfig(level=logging.INFO, format=f"[rank {rank}] %(levelname)s %(name)s: %(message)s")
+    run(cfg, distributed.from_env(), resume)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def main(args: argparse.Namespace) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    cfg = config_from_args(args)
+    dist = distributed.from_env()
+    if args.nproc > 1 and not dist.enabled:
+        # Share the cores between processes unless told otherwise (torchrun does the same with OMP_NUM_THREADS=1).
+        threads = cfg.threads or max(1, (os.cpu_count() or 1) // args.nproc)
+        cfg = build(TrainConfig, cfg.to_dict(), {"threads": threads})
+        mp.spawn(spawned, args=(cfg, args.nproc, free_port(), args.resume), nprocs=args.nproc, join=True)
+        return 0
+    run(cfg, dist, args.resume)
+    return 0
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(prog="python -m training.cli", description="train with gradient-norm monitoring")
+    add_arguments(parser)
+    sys.exit(main(parser.parse_args()))

@@ -1,0 +1,98 @@
+"""The training configuration: one frozen dataclass, the `train:` section of gradserve.yaml."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+from training.model import NORMS
+from training.selection import STRATEGIES, SelectionRule
+
+SCHEDULES = ("cosine", "linear", "constant")
+DEVICES = ("auto", "cpu", "cuda")
+
+
+@dataclass(frozen=True)
+class ModelSection:
+    """The architecture knobs of the model; input shape and class count come from the data."""
+
+    channels: tuple[int, ...] = (32, 64)
+    norm: str = "batch"  # batch | group | layer
+    dropout: float = 0.0
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "channels", tuple(int(c) for c in self.channels))
+        if self.norm not in NORMS:
+            raise ValueError(f"model.norm must be one of {NORMS}, got {self.norm!r}")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    name: str = "digits"  # runs/<name>/
+    runs_dir: str = "runs"
+    dataset: str = "digits"
+    seed: int = 0
+    val_fraction: float = 0.15
+    test_fraction: float = 0.15
+    epochs: int = 50
+    batch_size: int = 32  # per process
+    lr: float = 3e-3
+    weight_decay: float = 1e-4
+    warmup_steps: int = 30
+    schedule: str = "cosine"  # after warmup: cosine | linear decay to min_lr_ratio * lr, or constant
+    min_lr_ratio: float = 0.01
+    max_grad_norm: float | None = None  # clip the global gradient norm to this value; None: no clipping
+    eval_every: int | None = None  # iterations between evaluations; None: once per epoch
+    patience: int | None = 8  # early stopping: evaluations without a val_loss improvement of min_delta
+    min_delta: float = 5e-4
+    max_nonfinite_in_row: int = 20  # stop with an error after this many non-finite iterations in a row
+    explosion_factor: float = 10.0  # flag a norm above this many times the running median
+    vanishing_floor: float = 1e-7  # flag a norm below this
+    median_window: int = 100  # iterations in the running median
+    device: str = "auto"  # auto | cpu | cuda
+    amp: bool = False  # float16 autocast + GradScaler on CUDA; ignored (with a warning) on CPU
+    sync_bn: bool = False  # SyncBatchNorm under DDP where the backend supports it (CUDA); see train.py
+    threads: int | None = None  # torch intra-op threads per process; None: torch's default
+    progress: bool = True  # tqdm progress bar
+    model: ModelSection = field(default_factory=ModelSection)
+    selection: SelectionRule = field(default_factory=SelectionRule)
+
+    def __post_init__(self) -> None:
+        # gradserve.yaml hands the nested sections over as plain mappings.
+        if isinstance(self.model, dict):
+            object.__setattr__(self, "model", ModelSection(**self.model))
+        if isinstance(self.selection, dict):
+            object.__setattr__(self, "selection", SelectionRule(**self.selection))
+        problems = []
+        if self.epochs < 1 or self.batch_size < 1:
+            problems.append("epochs and batch_size must be >= 1")
+        if not (
+            0 < self.val_fraction < 1 and 0 < self.test_fraction < 1 and self.val_fraction + self.test_fraction < 1
+        ):
+            problems.append("val_fraction and test_fraction must be in (0, 1) and sum to less than 1")
+        if self.model.norm == "batch" and self.batch_size < 2:
+            problems.append(
+                "batch_size 1 hands BatchNorm a single sample: use batch_size >= 2 or model.norm group/layer"
+            )
+        if self.schedule not in SCHEDULES:
+            problems.append(f"schedule must be one of {SCHEDULES}")
+        if self.device not in DEVICES:
+            problems.append(f"device must be one of {DEVICES}")
+        if self.eval_every is not None and self.eval_every < 1:
+            problems.append("eval_every must be >= 1 or null (once per epoch)")
+        if self.selection.strategy not in STRATEGIES:
+            problems.append(f"selection.strategy must be one of {STRATEGIES}")
+        if self.max_nonfinite_in_row < 1:
+            problems.append("max_nonfinite_in_row must be >= 1")
+        if problems:
+            raise ValueError("invalid train config: " + "; ".join(problems))
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["model"]["channels"] = list(self.model.channels)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
+        return cls(**d)

@@ -1,0 +1,61 @@
+"""`gradserve select --run runs/<name> [rule flags]`: redo the checkpoint choice without retraining.
+
+Rewrites selection.json (and report.png); refreshes summary.json's scores of the selected checkpoint when the
+run's data can be rebuilt from its config (the bundled digits). Prints the new selection as JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+from pathlib import Path
+
+from training.selection import STRATEGIES
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--run", required=True, type=Path, help="the run directory, e.g. runs/digits")
+    parser.add_argument("--decline-window", dest="decline_window", type=int, help="k: transitions that must not rise")
+    parser.add_argument("--tolerance", type=float, help="tau: allowed relative rise per transition")
+    parser.add_argument("--loss-ratio", dest="loss_ratio", type=float, help="rho: val_loss <= rho x baseline")
+    parser.add_argument("--strategy", choices=STRATEGIES)
+
+
+def main(args: argparse.Namespace) -> int:
+    from training.summary import read_selection, write_selection
+
+    doc = read_selection(args.run)
+    overrides = {k: getattr(args, k) for k in ("decline_window", "tolerance", "loss_ratio", "strategy")}
+    rule = dataclasses.replace(doc["rule"], **{k: v for k, v in overrides.items() if v is not None})
+    try:
+        selection = write_selection(args.run, doc["records"], doc["checkpoints"], doc["baseline_loss"], rule)
+    except ValueError as e:
+        raise SystemExit(f"gradserve select: {e}") from e
+    refresh_outputs(args.run)
+    print(json.dumps({"selection": dataclasses.asdict(selection), "rule": dataclasses.asdict(rule)}, indent=2))
+    return 0
+
+
+def refresh_outputs(run_dir: Path) -> None:
+    """Redraw report.png and rescore summary.json for the new choice (the digits data is rebuilt from the config)."""
+    import torch
+
+    from training import checkpoint
+    from training.config import TrainConfig
+    from training.data import load_splits
+    from training.report import write_report
+    from training.summary import summarize
+
+    write_report(run_dir)
+    cfg = TrainConfig.from_dict(checkpoint.load(checkpoint.last_path(run_dir))["config"])
+    summary_path = run_dir / "summary.json"
+    if cfg.dataset != "digits" or not summary_path.exists():
+        print(f"summary.json left as it was: the {cfg.dataset!r} data cannot be rebuilt from the config")
+        return
+    old = json.loads(summary_path.read_text())
+    computed = {"baseline_loss", "selection", "selected", "last", "best_val", "best_test_accuracy",
+                "selected_test_accuracy_below_best_points", "diagnosis", "checkpoints"}  # fmt: skip
+    run_info = {k: v for k, v in old.items() if k not in computed}
+    data = load_splits(cfg.dataset, cfg.val_fraction, cfg.test_fraction, cfg.seed)
+    summarize(run_dir, data, torch.device("cpu"), run_info)
