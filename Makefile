@@ -2,16 +2,18 @@
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
-INSTALLED := $(VENV)/.installed
+# The install stamp names the hash of the files that pin the environment: a change to either reinstalls.
+INSTALLED := $(VENV)/.installed-$(shell cat pyproject.toml constraints.txt | sha256sum | cut -c1-16)
 STUBS := server/generated/.built
 
 .PHONY: run test lint unit bootstrap stubs train package serve bench reliability image-test clean
 
 bootstrap: $(INSTALLED) $(STUBS)
 
-$(INSTALLED): pyproject.toml constraints.txt
+$(INSTALLED):
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --disable-pip-version-check -c constraints.txt -e '.[dev]'
+	rm -f $(VENV)/.installed-*
 	touch $@
 
 $(STUBS): $(INSTALLED) $(wildcard proto/*.proto) proto/build.py
@@ -19,7 +21,7 @@ $(STUBS): $(INSTALLED) $(wildcard proto/*.proto) proto/build.py
 
 # Train the demo model if no archive exists, package it, serve it in the foreground.
 run: bootstrap
-	$(VENV)/bin/gradserve run --config gradserve.yaml
+	$(VENV)/bin/gradserve run --config gradserve.yaml $(RUN_ARGS)
 
 lint: bootstrap
 	$(PY) -m ruff check .

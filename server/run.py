@@ -17,7 +17,7 @@ import httpx
 from gradserve.config import build, load_file
 from server.config import ServeConfig
 from server.main import serve
-from server.torchserve import check_java
+from server.torchserve import TorchServeError, check_java
 
 log = logging.getLogger("gradserve.run")
 
@@ -31,7 +31,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def main(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    check_java()  # before minutes of training: TorchServe cannot start without Java 17
+    try:
+        check_java()  # before minutes of training: TorchServe cannot start without Java 17
+    except TorchServeError as e:
+        raise SystemExit(f"gradserve run: {e}") from None
     sections = load_file(args.config)
     config = build(ServeConfig, sections.get("serve"), {"grpc_port": args.grpc_port, "http_port": args.http_port})
     store = Path(config.model_store)

@@ -1,0 +1,72 @@
+"""`make run` from a clean clone: trains and packages the demo, serves it, prints the endpoints and the
+commands to try; the test runs those very commands (the README's), then Ctrl-C, and nothing is left."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+from conftest import ROOT, free_port
+
+
+def processes_under(folder: Path) -> list[psutil.Process]:
+    """Processes whose working directory or command line is inside `folder`."""
+    found = []
+    for process in psutil.process_iter(["cwd", "cmdline"]):
+        try:
+            text = " ".join([process.info["cwd"] or "", *(process.info["cmdline"] or [])])
+        except psutil.Error:
+            continue
+        if str(folder) in text and process.pid != os.getpid():
+            found.append(process)
+    return found
+
+
+@pytest.mark.skipif(shutil.which("git") is None, reason="needs git to clone the repository")
+def test_make_run_from_a_clean_clone(tmp_path: Path) -> None:
+    clone = tmp_path / "clone"
+    subprocess.run(["git", "clone", "-q", str(ROOT), str(clone)], check=True, timeout=120)
+    (clone / ".venv").symlink_to(ROOT / ".venv")  # the environment `make test` already bootstrapped
+    grpc_port, http_port = free_port(), free_port()
+    log_path = tmp_path / "make-run.log"
+    with log_path.open("w") as log:
+        make = subprocess.Popen(["make", "run", f"RUN_ARGS=--grpc-port {grpc_port} --http-port {http_port}"],
+                                cwd=clone, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                start_new_session=True)
+    try:
+        deadline = time.monotonic() + 600
+        while "gradserve is ready." not in log_path.read_text() and time.monotonic() < deadline:
+            assert make.poll() is None, log_path.read_text()[-5000:]
+            time.sleep(1)
+        text = log_path.read_text()
+        assert "gradserve is ready." in text, text[-5000:]
+        assert (clone / "model_store" / "digits.mar").exists() and (clone / "runs" / "digits" / "report.png").exists()
+        assert re.search(r"checkpoint step \d+, gradient norm [\d.e+-]+, validation loss [\d.]+ "
+                         r"\(untrained baseline [\d.]+; rule satisfied: True\)", text), text[-3000:]
+        assert f"127.0.0.1:{grpc_port}" in text and f"http://127.0.0.1:{http_port}/v2" in text
+
+        commands = dict(re.findall(r"^  (gRPC|REST|batch):\s+(.+)$", text, flags=re.MULTILINE))
+        assert set(commands) == {"gRPC", "REST", "batch"}, text[-3000:]
+        outputs = {}
+        for name, command in commands.items():
+            done = subprocess.run(command, shell=True, cwd=clone, capture_output=True, text=True, timeout=120)
+            assert done.returncode == 0, f"{name}: {command}\n{done.stdout}\n{done.stderr}"
+            outputs[name] = done.stdout
+        assert '"model_name":"digits"' in outputs["REST"].replace(" ", "")
+        assert Path("/tmp/digits-predictions.jsonl").read_text().count("\n") == 8
+    finally:
+        os.killpg(make.pid, signal.SIGINT)  # Ctrl-C in the terminal signals the whole foreground group
+        try:
+            make.wait(timeout=90)
+        finally:
+            leftovers = processes_under(clone)
+            for process in leftovers:
+                process.kill()
+    assert leftovers == [], [p.info for p in leftovers]
