@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 INSTALLED := $(VENV)/.installed-$(shell cat pyproject.toml constraints.txt | sha256sum | cut -c1-16)
 STUBS := server/generated/.built
 
-.PHONY: run test lint unit bootstrap stubs train package serve bench reliability image-test clean
+.PHONY: run test lint bootstrap archive bench reliability image-test clean
 
 bootstrap: $(INSTALLED) $(STUBS)
 
@@ -33,6 +33,16 @@ test: lint
 
 bench: bootstrap
 	$(VENV)/bin/gradserve bench --config gradserve.yaml
+
+# Build the container image with podman (installed if missing), run it, check gRPC and REST predictions.
+image-test: bootstrap
+	test -n "$$(ls model_store/*.mar 2>/dev/null)" || $(MAKE) archive
+	bash scripts/image_test.sh
+
+# Train and package the demo model (what `make run` does before serving).
+archive: bootstrap
+	$(VENV)/bin/gradserve train --config gradserve.yaml
+	$(VENV)/bin/gradserve package --run runs/digits --force
 
 clean:
 	rm -rf runs model_store/*.mar server/generated

@@ -256,7 +256,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--output", type=Path, required=True, help=".jsonl (id, label, logits) or .npy (logits)")
     parser.add_argument("--model", default="digits")
     parser.add_argument("--grpc", default="127.0.0.1:8001", help="the front door's gRPC address")
-    parser.add_argument("--token", default=None, help="bearer token, if the front door wants one")
+    parser.add_argument("--token", default=os.environ.get("GRADSERVE_TOKEN"),
+                        help="bearer token, if the front door wants one (default: $GRADSERVE_TOKEN)")
     parser.add_argument("--local", type=Path, default=None, help="run this .mar in-process, no server")
     parser.add_argument("--rows-per-request", type=int, default=256)
     parser.add_argument("--concurrency", type=int, default=4)

@@ -26,7 +26,11 @@ def create_server(config: ServeConfig, backend: Backend) -> tuple[grpc.aio.Serve
     server = grpc.aio.server(
         interceptors=[TokenInterceptor(config.token)] if config.token else [],
         options=[("grpc.max_receive_message_length", limit), ("grpc.max_send_message_length", limit),
-                 ("grpc.so_reuseport", 0)],
+                 ("grpc.so_reuseport", 0),
+                 # Close connections after a few minutes (in-flight calls get a grace period) so clients
+                 # balancing round-robin over DNS re-resolve and find replicas the autoscaler added.
+                 ("grpc.max_connection_age_ms", config.max_connection_age_s * 1000),
+                 ("grpc.max_connection_age_grace_ms", int(config.grace_s * 1000))],
     )
     grpc_service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceServicer(backend), server)
 

@@ -164,6 +164,10 @@ class Supervisor:
                 log.error("TorchServe did not come up: %s", e)
                 await asyncio.to_thread(self.torchserve.stop, 2.0)
                 continue
+            except Exception:  # e.g. an unwritable working folder: say so, and keep trying with backoff
+                log.exception("starting TorchServe failed")
+                await asyncio.to_thread(self.torchserve.stop, 2.0)
+                continue
             ts = self.torchserve
             await self._backend.connect(Endpoint(ts.grpc_inference_target, ts.management_url,
                                                  ts.config.workdir / "key_file.json"))
