@@ -33,7 +33,7 @@ def main(argv: list[str] | None = None) -> int:
     module = importlib.import_module(STAGES[stage][0])
     parser = argparse.ArgumentParser(prog=f"gradserve {stage}", description=STAGES[stage][1])
     module.add_arguments(parser)
-    return int(module.main(parser.parse_args(rest)) or 0)
+    return int(module.main(parser.parse_intermixed_args(rest)) or 0)
 
 
 if __name__ == "__main__":

@@ -82,9 +82,11 @@ class DigitsHandler(BaseHandler):
         return [self._validate(request) for request in data]
 
     def inference(self, data: torch.Tensor, *args: Any, **kwargs: Any) -> dict[str, torch.Tensor]:
+        """The class head as logits/label/probabilities, and every extra head (multi-task) by its name."""
         with torch.inference_mode():
-            logits = self.model(data.to(self.device, non_blocking=True))  # (N, K)
-            return {"logits": logits, "label": logits.argmax(dim=1), "probabilities": logits.softmax(dim=1)}
+            heads = self.model.forward_all(data.to(self.device, non_blocking=True))  # {"logits": (N, K), ...}
+            logits = heads.pop("logits")
+            return {"logits": logits, "label": logits.argmax(dim=1), "probabilities": logits.softmax(dim=1), **heads}
 
     def postprocess(self, data: dict[str, torch.Tensor], row_counts: Sequence[int] = ()) -> list[bytes]:
         """Split the batch's outputs back into one encoded response per request of `row_counts` rows."""

@@ -25,9 +25,14 @@ MiB = 1024 * 1024
 
 class Client:
     def __init__(self, target: str, token: str | None = None, timeout: float = 30.0,
-                 tls_ca: str | Path | None = None, max_message_bytes: int = 64 * MiB) -> None:
+                 tls_ca: str | Path | None = None, max_message_bytes: int = 64 * MiB,
+                 load_balancing: str | None = None) -> None:
+        """`load_balancing="round_robin"` spreads calls over every address the target resolves to
+        (e.g. `dns:///gradserve-headless:8001` in Kubernetes, or `ipv4:host1:port1,host2:port2`)."""
         options = [("grpc.max_send_message_length", max_message_bytes),
                    ("grpc.max_receive_message_length", max_message_bytes)]
+        if load_balancing:
+            options.append(("grpc.lb_policy_name", load_balancing))
         if tls_ca is not None:
             credentials = grpc.ssl_channel_credentials(Path(tls_ca).read_bytes())
             self._channel = grpc.aio.secure_channel(target, credentials, options=options)

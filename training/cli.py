@@ -37,12 +37,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-progress", dest="progress", action="store_false", default=None)
     parser.add_argument("--resume", action="store_true", help="continue runs_dir/<name>/checkpoints/last.pt")
     parser.add_argument("--nproc", type=int, default=1, help="local DDP processes (gloo on CPU)")
+    parser.add_argument("--method", choices=("gradnorm", "equal"), help="multitask.method (multi-task configs)")
+    parser.add_argument("--compare", action="store_true",
+                        help="multi-task: train with equal weights and with GradNorm on the same seed and data, "
+                        "then compare them (runs_dir/<name>-comparison/)")
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
     section: dict[str, Any] = dict(load_file(args.config).get("train") or {})
     if args.norm:
         section["model"] = {**(section.get("model") or {}), "norm": args.norm}
+    if getattr(args, "method", None):
+        if not section.get("multitask"):
+            raise SystemExit(f"{args.config}: --method needs a multitask: section in train:")
+        section["multitask"] = {**section["multitask"], "method": args.method}
     names = (
         "name",
         "runs_dir",
@@ -65,6 +73,13 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
 def run(cfg: TrainConfig, dist: Dist, resume: bool) -> None:
     from training.train import train  # heavy imports only once the config is known to be valid
 
+    if cfg.multitask is not None:
+        from training.multitask import train_multitask
+
+        if resume:
+            raise SystemExit("--resume is not supported for multitask runs; train again")
+        train_multitask(cfg, dist=dist)
+        return
     distributed.init(dist, cfg.device)
     try:
         train(cfg, dist=dist, resume=resume)
@@ -91,6 +106,13 @@ def main(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     cfg = config_from_args(args)
     dist = distributed.from_env()
+    if getattr(args, "compare", False):
+        from training.multitask_compare import compare
+
+        compare(cfg)
+        return 0
+    if cfg.multitask is not None and (args.nproc > 1 or dist.enabled):
+        raise SystemExit("multitask training runs in one process; drop --nproc / torchrun")
     if args.nproc > 1 and not dist.enabled:
         # Share the cores between processes unless told otherwise (torchrun does the same with OMP_NUM_THREADS=1).
         threads = cfg.threads or max(1, (os.cpu_count() or 1) // args.nproc)

@@ -11,6 +11,9 @@ from training.selection import STRATEGIES, SelectionRule
 
 SCHEDULES = ("cosine", "linear", "constant")
 DEVICES = ("auto", "cpu", "cuda")
+BALANCING = ("gradnorm", "equal")
+# The targets a multi-task run can learn from the bundled digits; "class" is the main head (logits/label/...).
+TASK_NAMES = ("class", "ink", "parity")
 
 
 @dataclass(frozen=True)
@@ -25,6 +28,36 @@ class ModelSection:
         object.__setattr__(self, "channels", tuple(int(c) for c in self.channels))
         if self.norm not in NORMS:
             raise ValueError(f"model.norm must be one of {NORMS}, got {self.norm!r}")
+
+
+@dataclass(frozen=True)
+class MultitaskSection:
+    """`multitask:` of the train section: several heads on one trunk, their losses balanced by `method`.
+
+    gradnorm: task weights learned so each task's gradient norm on the last shared layer tracks the mean norm
+    times its relative inverse training rate to the power alpha (Chen et al., 2018); equal: every weight 1.
+    """
+
+    method: str = "gradnorm"  # gradnorm | equal
+    alpha: float = 1.5  # how hard slower tasks are pulled up (0: equal gradient norms)
+    weight_lr: float = 0.025  # Adam learning rate of the task weights (their own optimizer)
+    tasks: tuple[str, ...] = ("class", "ink")  # "class" first: the digit; then ink and/or parity
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "tasks", tuple(str(t) for t in self.tasks))
+        problems = []
+        if self.method not in BALANCING:
+            problems.append(f"multitask.method must be one of {BALANCING}, got {self.method!r}")
+        if self.alpha < 0 or self.weight_lr <= 0:
+            problems.append("multitask.alpha must be >= 0 and multitask.weight_lr > 0")
+        if not self.tasks or self.tasks[0] != "class" or len(set(self.tasks)) != len(self.tasks):
+            problems.append(f"multitask.tasks must start with 'class' and not repeat a task, got {list(self.tasks)}")
+        if unknown := sorted(set(self.tasks) - set(TASK_NAMES)):
+            problems.append(f"multitask.tasks {unknown} are unknown; the bundled ones are {list(TASK_NAMES)}")
+        if len(self.tasks) < 2:
+            problems.append("multitask.tasks needs at least two tasks (one is the single-task path: drop multitask)")
+        if problems:
+            raise ValueError("; ".join(problems))
 
 
 @dataclass(frozen=True)
@@ -57,6 +90,7 @@ class TrainConfig:
     progress: bool = True  # tqdm progress bar
     model: ModelSection = field(default_factory=ModelSection)
     selection: SelectionRule = field(default_factory=SelectionRule)
+    multitask: MultitaskSection | None = None  # None: the single-task classifier (training/train.py)
 
     def __post_init__(self) -> None:
         # gradserve.yaml hands the nested sections over as plain mappings.
@@ -64,6 +98,8 @@ class TrainConfig:
             object.__setattr__(self, "model", ModelSection(**self.model))
         if isinstance(self.selection, dict):
             object.__setattr__(self, "selection", SelectionRule(**self.selection))
+        if isinstance(self.multitask, dict):
+            object.__setattr__(self, "multitask", MultitaskSection(**self.multitask))
         problems = []
         if self.epochs < 1 or self.batch_size < 1:
             problems.append("epochs and batch_size must be >= 1")
@@ -85,12 +121,16 @@ class TrainConfig:
             problems.append(f"selection.strategy must be one of {STRATEGIES}")
         if self.max_nonfinite_in_row < 1:
             problems.append("max_nonfinite_in_row must be >= 1")
+        if self.multitask is not None and self.amp:
+            problems.append("amp is not supported with multitask (its per-task gradient norms run in float32)")
         if problems:
             raise ValueError("invalid train config: " + "; ".join(problems))
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         d["model"]["channels"] = list(self.model.channels)
+        if self.multitask is not None:
+            d["multitask"]["tasks"] = list(self.multitask.tasks)
         return d
 
     @classmethod

@@ -127,7 +127,10 @@ def _manifest(name: str, config: PackageConfig, chosen: dict[str, Any], checkpoi
                     "shape": [-1, model_config.in_channels, model_config.height, model_config.width]}],
         "outputs": [{"name": "logits", "datatype": "FP32", "shape": [-1, k]},
                     {"name": "label", "datatype": "INT64", "shape": [-1]},
-                    {"name": "probabilities", "datatype": "FP32", "shape": [-1, k]}],
+                    {"name": "probabilities", "datatype": "FP32", "shape": [-1, k]},
+                    # a multi-task model: one more output per extra head, its raw values
+                    *({"name": head, "datatype": "FP32", "shape": [-1, size]}
+                      for head, size in model_config.extra_heads.items())],
         "labels": data.get("labels", [str(i) for i in range(k)]),
         "max_rows": config.max_rows,
         "input_scale": "pixel intensities scaled to [0, 1]",
@@ -137,6 +140,7 @@ def _manifest(name: str, config: PackageConfig, chosen: dict[str, Any], checkpoi
         "weights": {"file": "weights.pt", "sha256": sha256},
         "model_config": model_config.to_dict(), "training_config": checkpoint.get("config", {}),
         "source": {"checkpoint": chosen["checkpoints"][selection["index"]], "step": checkpoint.get("step")},
+        **({"tasks": data["tasks"]} if "tasks" in data else {}),  # multi-task: what each output predicts
     }
 
 

@@ -22,7 +22,7 @@ def ema(values: list[float], alpha: float = 0.05) -> list[float]:
     return out
 
 
-def write_report(run_dir: Path) -> Path:
+def write_report(run_dir: Path, loss_label: str = "cross-entropy") -> Path:
     lines = [json.loads(s) for s in (run_dir / "metrics.jsonl").read_text().splitlines() if s.strip()]
     iters = [m for m in lines if m["kind"] == "iter"]
     doc = json.loads((run_dir / "selection.json").read_text())
@@ -52,7 +52,7 @@ def write_report(run_dir: Path) -> Path:
     bottom.axhline(gate, color="gray", linestyle="--", label=f"{doc['rule']['loss_ratio']} x baseline = {gate:.3f}")
     bottom.set_yscale("log")
     bottom.set_xlabel("optimizer step")
-    bottom.set_ylabel("cross-entropy")
+    bottom.set_ylabel(loss_label)
     for ax in (top, bottom):
         ax.axvline(selection["step"], color="black", linestyle=":", label=f"chosen (step {selection['step']})")
         ax.legend(fontsize=8, loc="upper right")
