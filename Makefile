@@ -31,6 +31,11 @@ test: lint
 	$(PY) -m pytest -q -p no:cacheprovider
 	$(PY) -m pytest -q -p no:cacheprovider tests/client
 
+# The long reliability suite (minutes of soak, thousands of fuzzed requests); `make test` runs short versions.
+reliability: bootstrap
+	GRADSERVE_RELIABILITY=long $(PY) -m pytest -q -p no:cacheprovider tests/reliability
+	$(PY) tests/reliability/report.py --mode long
+
 bench: bootstrap
 	$(VENV)/bin/gradserve bench --config gradserve.yaml
 

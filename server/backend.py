@@ -290,7 +290,9 @@ def _backend_error(e: grpc.aio.AioRpcError) -> Exception:
     if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED):
         return Unavailable("the model server is unreachable; retry shortly")
     if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
-        return Overloaded("the model server's queue is full; retry with backoff")
+        # TorchServe's answer to the requests a SIGKILLed (exit 137: OOM-killed) worker held; it restarts the
+        # worker. (A full TorchServe queue is UNAVAILABLE, and requests never exceed its max_request_size.)
+        return Unavailable("the model server lost its worker and is restarting it; retry shortly")
     return RuntimeError(f"model server call failed: {code.name}: {e.details()}")
 
 

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+import math
+from collections.abc import AsyncIterator, Callable
 from typing import NoReturn
 
 import grpc
@@ -161,19 +162,33 @@ def _decode_input(tensor: pb.ModelInferRequest.InferInputTensor, raw: bytes | No
     shape = tuple(tensor.shape)
     if any(d < 0 for d in shape):
         raise InvalidInput(f"input {tensor.name!r}: shape {list(shape)} has a negative dimension")
-    count = int(np.prod(shape, dtype=np.int64))
+    count = math.prod(shape)  # Python ints: a product of huge dimensions must not wrap around to a small one
     if raw is not None:
         if tensor.HasField("contents"):
             raise InvalidInput(f"input {tensor.name!r}: send raw_input_contents or contents, not both")
         if len(raw) != count * dtype.itemsize:
             raise InvalidInput(f"input {tensor.name!r}: shape {list(shape)} of {tensor.datatype} needs "
                                f"{count * dtype.itemsize} bytes of raw_input_contents, got {len(raw)}")
-        return np.frombuffer(raw, dtype=dtype).reshape(shape)
-    values = getattr(tensor.contents, CONTENTS_FIELD[tensor.datatype])
+        return _shaped(tensor, lambda: np.frombuffer(raw, dtype=dtype))
+    field = CONTENTS_FIELD.get(tensor.datatype)
+    if field is None:
+        raise InvalidInput(f"input {tensor.name!r}: {tensor.datatype} has no typed contents field; "
+                           "send it in raw_input_contents")
+    values = getattr(tensor.contents, field)
     if len(values) != count:
         raise InvalidInput(f"input {tensor.name!r}: shape {list(shape)} needs {count} values in "
-                           f"contents.{CONTENTS_FIELD[tensor.datatype]}, got {len(values)}")
-    return np.array(values, dtype=dtype).reshape(shape)
+                           f"contents.{field}, got {len(values)}")
+    return _shaped(tensor, lambda: np.array(values, dtype=dtype))
+
+
+def _shaped(tensor: pb.ModelInferRequest.InferInputTensor, flat: Callable[[], np.ndarray]) -> np.ndarray:
+    """numpy's refusals (a value out of the datatype's range, an empty tensor with dimensions too large to
+    address) are the caller's mistake, not ours."""
+    try:
+        return flat().reshape(tuple(tensor.shape))
+    except (OverflowError, ValueError) as e:
+        raise InvalidInput(f"input {tensor.name!r}: not a {tensor.datatype} tensor of shape "
+                           f"{list(tensor.shape)}: {e}") from None
 
 
 def encode_outputs(info: ModelInfo, request_id: str, outputs: dict[str, np.ndarray]) -> pb.ModelInferResponse:

@@ -6,6 +6,7 @@ plus /metrics (Prometheus) and the OpenAPI description at /openapi.json (browsab
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import numpy as np
@@ -157,13 +158,16 @@ def _array(tensor: InputTensor) -> np.ndarray:
         raise InvalidInput(f"input {tensor.name!r}: shape {tensor.shape} has a negative dimension")
     try:
         flat = np.asarray(tensor.data, dtype=dtype).ravel()
-    except (ValueError, TypeError):
+    except (ValueError, TypeError, OverflowError):  # OverflowError: e.g. 300 for INT8
         raise InvalidInput(f"input {tensor.name!r}: data must be numbers of {tensor.datatype}, "
                            "flat or nested, in row-major order") from None
-    count = int(np.prod(tensor.shape, dtype=np.int64))
+    count = math.prod(tensor.shape)  # Python ints: huge dimensions must not wrap around
     if flat.size != count:
         raise InvalidInput(f"input {tensor.name!r}: shape {tensor.shape} needs {count} values, got {flat.size}")
-    return flat.reshape(tensor.shape)
+    try:
+        return flat.reshape(tensor.shape)
+    except (ValueError, OverflowError) as e:  # no values, but dimensions too large to address
+        raise InvalidInput(f"input {tensor.name!r}: not a tensor of shape {tensor.shape}: {e}") from None
 
 
 def _metadata(info: ModelInfo) -> dict[str, Any]:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -21,9 +20,9 @@ from pathlib import Path
 import httpx
 import psutil
 import pytest
+from common import ROOT, free_port
 from run_fixtures import digits, make_run, selected_model
 
-ROOT = Path(__file__).resolve().parent.parent
 GRADSERVE = Path(sys.executable).parent / "gradserve"
 TOKEN = "test-token-7f3a"
 
@@ -92,19 +91,12 @@ class FrontDoor:
                 os.killpg(self.process.pid, signal.SIGKILL)
                 self.process.wait(10)
                 if torchserve is not None and torchserve.is_running():
-                    os.killpg(torchserve.pid, signal.SIGKILL)  # the launcher gives it its own group
+                    os.killpg(os.getpgid(torchserve.pid), signal.SIGKILL)  # the launcher gives it its own group
         return self.process.returncode
 
     def log_tail(self, lines: int = 40) -> str:
         text = self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
         return "\n".join(line for line in text.splitlines() if "TS_METRICS" not in line)[-8000:]
-
-
-def free_port() -> int:
-    """As tests/conftest.py's; imported by name here, `conftest` would be ambiguous under tests/client/."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @contextmanager

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import psutil
 import pytest
-from conftest import ROOT, free_port
+from common import ROOT, free_port
 
 
 def processes_under(folder: Path) -> list[psutil.Process]:
