@@ -22,6 +22,7 @@ class ServeConfig:
     tls_key: str | None = None
     max_message_bytes: int = 64 * MiB
     max_rows: int = 1024  # rows one request may carry (the model's manifest may lower it)
+    torchserve_queue_size: int = 1000  # TorchServe's job_queue_size per model (its own limit behind ours)
     max_in_flight: int = 4096  # requests admitted at once; more are refused with RESOURCE_EXHAUSTED
     default_timeout_s: float = 30.0  # deadline of a backend call when the caller sets none
     grace_s: float = 10.0  # SIGTERM: time in-flight requests get to finish

@@ -66,7 +66,8 @@ def torchserve_config(config: ServeConfig, registry: dict[str, ModelInfo]) -> To
     return TorchServeConfig(
         model_store=Path(config.model_store), workdir=Path(config.torchserve_workdir),
         models=tuple(Path(info.archive).name for info in registry.values()),
-        token_expiration_min=config.token_expiration_min, max_request_size=config.max_message_bytes + 65536)
+        token_expiration_min=config.token_expiration_min, max_request_size=config.max_message_bytes + 65536,
+        job_queue_size=config.torchserve_queue_size)
 
 
 def check_registry(config: ServeConfig) -> dict[str, ModelInfo]:

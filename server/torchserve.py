@@ -143,7 +143,8 @@ class TorchServe:
             if problem is None:
                 return
             time.sleep(0.25)
-        raise TorchServeError(f"TorchServe not ready after {timeout:.0f}s ({problem}); see {self.log_path}")
+        raise TorchServeError(f"TorchServe not ready after {timeout:.0f}s ({problem}); last lines of "
+                              f"{self.model_log_path}:\n{self.log_tail(15, self.model_log_path)}")
 
     def stop(self, grace: float = 10.0) -> None:
         """SIGTERM the process group, SIGKILL whatever is left after `grace` seconds; always."""
@@ -196,10 +197,13 @@ class TorchServe:
         """Where the handler's log lines (python worker stdout/stderr) end up."""
         return self.config.workdir / "logs" / "model_log.log"
 
-    def log_tail(self, lines: int = 30) -> str:
-        if not self.log_path.exists():
+    def log_tail(self, lines: int = 30, path: Path | None = None) -> str:
+        """The last lines of TorchServe's log (or of `path`, e.g. model_log_path), without metric lines."""
+        path = path or self.log_path
+        if not path.exists():
             return ""
-        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        text = path.read_text(errors="replace").splitlines()
+        return "\n".join([line for line in text if "TS_METRICS" not in line][-lines:])
 
     def read_keys(self) -> TorchServeKeys:
         """The inference and management tokens TorchServe wrote into key_file.json in its workdir."""
