@@ -70,3 +70,14 @@ def test_make_run_from_a_clean_clone(tmp_path: Path) -> None:
             for process in leftovers:
                 process.kill()
     assert leftovers == [], [p.info for p in leftovers]
+
+
+def test_without_java_make_run_stops_at_once_with_the_install_command(tmp_path: Path) -> None:
+    venv_bin = ROOT / ".venv" / "bin"
+    env = {**os.environ, "PATH": f"{venv_bin}:/usr/local/sbin:/nonexistent", "JAVA_HOME": ""}
+    started = time.monotonic()
+    done = subprocess.run([str(venv_bin / "gradserve"), "run", "--config", str(ROOT / "gradserve.yaml")],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode != 0
+    assert "apt-get install openjdk-17-jre-headless" in done.stderr
+    assert time.monotonic() - started < 60 and not (tmp_path / "runs").exists()  # no training was started
