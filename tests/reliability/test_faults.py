@@ -30,10 +30,14 @@ pytestmark = pytest.mark.slow
 def management(door: FrontDoor, path: str) -> Any:
     """TorchServe's management API, with the key the front door's TorchServe wrote."""
     workdir = door.workdir / "torchserve"
-    key = json.loads((workdir / "key_file.json").read_text())["management"]["key"]
     port = next(line.split(":")[-1] for line in (workdir / "config.properties").read_text().splitlines()
                 if line.startswith("management_address"))
-    answer = httpx.get(f"http://127.0.0.1:{port}{path}", headers={"authorization": f"Bearer {key}"}, timeout=5)
+    for _ in range(5):  # the front door renews the keys every few seconds here: a key read may just have expired
+        key = json.loads((workdir / "key_file.json").read_text())["management"]["key"]
+        answer = httpx.get(f"http://127.0.0.1:{port}{path}", headers={"authorization": f"Bearer {key}"}, timeout=5)
+        if answer.status_code != 400:  # TorchServe answers a stale key with 400 InvalidKeyException
+            break
+        time.sleep(0.2)
     answer.raise_for_status()
     return answer.json()
 
