@@ -44,9 +44,13 @@ class DigitsHandler(BaseHandler):
         gpu_id = props.get("gpu_id")
         use_cuda = gpu_id is not None and torch.cuda.is_available()
         self.device = torch.device(f"cuda:{gpu_id}" if use_cuda else "cpu")
-        # Workers of one model share the cores: workers x threads must not oversubscribe them.
-        workers = int((getattr(context, "model_yaml_config", None) or {}).get("maxWorkers", 1))
-        torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // max(1, workers)))
+        # Workers of one model share the cores: workers x threads must not oversubscribe them. A small model
+        # runs fastest on one thread (OpenMP's spinning costs more than it gains); model-config.yaml's
+        # handler.torch_threads says how many, capped by that share.
+        yaml_config = getattr(context, "model_yaml_config", None) or {}
+        share = max(1, len(os.sched_getaffinity(0)) // max(1, int(yaml_config.get("maxWorkers", 1))))
+        wanted = (yaml_config.get("handler") or {}).get("torch_threads") or share
+        torch.set_num_threads(min(int(wanted), share))
 
         model = build_model(self.spec["model_config"])
         model.load_state_dict(torch.load(weights, map_location=self.device, weights_only=True))

@@ -68,8 +68,8 @@ class Coalescer:
 
     def _on_timer(self) -> None:
         self._timer = None
-        if self._queue:
-            self._dispatch()  # the oldest request has waited long enough, slots or not
+        if self._queue and self._in_flight < 2 * self._max_calls:
+            self._dispatch()  # the oldest request has waited long enough: one extra call, within a bound
         self._pump()
 
     def _dispatch(self) -> None:

@@ -15,6 +15,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, Field
+from starlette.datastructures import Headers
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from handlers import codec
 from server import auth, metrics
@@ -65,19 +67,7 @@ def create_app(config: ServeConfig, backend: Backend) -> FastAPI:
     app = FastAPI(title="gradserve", version=SERVER_VERSION,
                   description="Open Inference Protocol v2 (KServe v2) in front of TorchServe")
 
-    @app.middleware("http")
-    async def guard(request: Request, call_next: Any) -> Response:
-        """Auth on every path but health and the API description; the message-size limit."""
-        try:
-            if request.url.path not in OPEN_PATHS and not auth.authorized(
-                    config.token, request.headers.get("authorization")):
-                raise Unauthenticated(auth.MESSAGE)
-            length = int(request.headers.get("content-length") or 0)
-            if length > config.max_message_bytes:
-                raise MessageTooLarge(f"the request has {length} bytes; the limit is {config.max_message_bytes}")
-        except Exception as e:
-            return _error(e)
-        return await call_next(request)
+    app.add_middleware(Guard, config=config)
 
     @app.get("/v2")
     async def server_metadata() -> dict[str, Any]:
@@ -138,6 +128,31 @@ def create_app(config: ServeConfig, backend: Backend) -> FastAPI:
         return _error(InvalidInput(f"the body is not an inference request of the v2 protocol: {exc.errors()[:3]}"))
 
     return app
+
+
+class Guard:
+    """Auth on every path but health and the API description, and the message-size limit, as plain ASGI
+    middleware (FastAPI's @app.middleware wraps every request in extra tasks and streams; this costs nothing)."""
+
+    def __init__(self, app: ASGIApp, config: ServeConfig) -> None:
+        self.app = app
+        self.config = config
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            headers = Headers(scope=scope)
+            try:
+                if scope["path"] not in OPEN_PATHS and not auth.authorized(self.config.token,
+                                                                           headers.get("authorization")):
+                    raise Unauthenticated(auth.MESSAGE)
+                length = int(headers.get("content-length") or 0)
+                if length > self.config.max_message_bytes:
+                    raise MessageTooLarge(f"the request has {length} bytes; "
+                                          f"the limit is {self.config.max_message_bytes}")
+            except Exception as e:
+                await _error(e)(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
 
 
 def _timeout(request: Request) -> float | None:

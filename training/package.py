@@ -39,6 +39,7 @@ class PackageConfig:
     max_workers: int = 1
     response_timeout_s: int = 30
     max_rows: int = 1024            # rows one request may carry
+    torch_threads: int = 1          # torch threads per worker (capped by cores / workers)
 
     def __post_init__(self) -> None:
         if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", str(self.version)):
@@ -81,7 +82,8 @@ def package(run: Path, config: PackageConfig, allow_fallback: bool = False, forc
         model_config = stage / "model-config.yaml"
         model_config.write_text(yaml.safe_dump({
             "minWorkers": config.min_workers, "maxWorkers": config.max_workers, "batchSize": config.batch_size,
-            "maxBatchDelay": config.max_batch_delay_ms, "responseTimeout": config.response_timeout_s}))
+            "maxBatchDelay": config.max_batch_delay_ms, "responseTimeout": config.response_timeout_s,
+            "handler": {"torch_threads": config.torch_threads}}))
         built = _archive(name, config.version, stage, weights, model_config, extra)
         store.mkdir(parents=True, exist_ok=True)
         for target in (versioned, store / f"{name}.mar"):
