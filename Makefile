@@ -37,6 +37,7 @@ reliability: bootstrap
 	$(PY) tests/reliability/report.py --mode long
 
 bench: bootstrap
+	test -f runs/digits/selection.json || $(MAKE) archive
 	$(VENV)/bin/gradserve bench --config gradserve.yaml
 
 # Build the container image with podman (installed if missing), run it, check gRPC and REST predictions.
