@@ -125,7 +125,7 @@ class Backend:
         """Use a (re)started TorchServe: new channel, fresh keys, readiness polling and key renewal."""
         await self.disconnect()
         self._endpoint = endpoint
-        self._keys = Keys.read(endpoint.key_file)
+        await self._reload_keys()
         options = [("grpc.max_send_message_length", self._config.max_message_bytes + 4096),
                    ("grpc.max_receive_message_length", self._config.max_message_bytes + 4096)]
         self._channel = grpc.aio.insecure_channel(endpoint.grpc_target, options=options)
@@ -186,7 +186,7 @@ class Backend:
             await asyncio.sleep(max(wait, 0.5))
             try:
                 await self.renew_keys()
-            except (httpx.HTTPError, OSError, ValueError, KeyError) as e:
+            except (httpx.HTTPError, OSError, ValueError, KeyError, Unavailable) as e:
                 log.warning("renewing TorchServe's keys failed (%s); retrying", e)
 
     async def renew_keys(self) -> None:
@@ -195,8 +195,23 @@ class Backend:
         for kind in ("inference", "management"):
             response = await self._http.get("/token", params={"type": kind}, headers=self._auth(self._keys.api))
             response.raise_for_status()
-        self._keys = Keys.read(self._endpoint.key_file)
+        await self._reload_keys()
         log.info("renewed TorchServe's keys; they expire in %.0f s", self._keys.expires - time.time())
+
+    async def _reload_keys(self, stale: Keys | None = None) -> None:
+        """Read TorchServe's key file, which it rewrites in place (a reader can catch it half-written); with
+        `stale`, wait until the file holds an inference key other than that one."""
+        assert self._endpoint is not None
+        for _ in range(40):
+            try:
+                keys = Keys.read(self._endpoint.key_file)
+                if stale is None or keys.inference != stale.inference:
+                    self._keys = keys
+                    return
+            except (OSError, ValueError, KeyError):
+                pass
+            await asyncio.sleep(0.05)
+        raise Unavailable("the model server's keys are being renewed; retry shortly")
 
     @staticmethod
     def _auth(key: str) -> dict[str, str]:
@@ -258,7 +273,7 @@ class Backend:
     async def _predict(self, info: ModelInfo, rows: np.ndarray, deadline: float) -> Outputs:
         request = torchserve_pb2.PredictionsRequest(
             model_name=info.name, input={"data": codec.encode({info.input.name: rows})})
-        for attempt in (1, 2):
+        for _ in range(3):
             stub, keys = self._stub, self._keys
             if stub is None or keys is None:
                 raise Unavailable("the model server is down and restarting; retry shortly")
@@ -270,10 +285,13 @@ class Backend:
                                                   metadata=(("authorization", f"Bearer {keys.inference}"),))
                 break
             except grpc.aio.AioRpcError as e:
-                if e.code() == grpc.StatusCode.PERMISSION_DENIED and attempt == 1 and self._endpoint is not None:
-                    self._keys = Keys.read(self._endpoint.key_file)  # the key was renewed under us
-                    continue
-                raise _backend_error(e) from None
+                if e.code() != grpc.StatusCode.PERMISSION_DENIED or self._endpoint is None:
+                    raise _backend_error(e) from None
+                # TorchServe renewed its keys under this call (it drops the old key before it has rewritten
+                # its key file): wait for the new key, then try again.
+                await self._reload_keys(stale=keys)
+        else:
+            raise Unavailable("the model server refused its renewed key; retry shortly")
         try:
             message = codec.decode(response.prediction)
         except codec.CodecError as e:

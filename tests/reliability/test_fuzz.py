@@ -104,6 +104,8 @@ def infer_requests(draw: st.DrawFn) -> tuple[pb.ModelInferRequest, set[str]]:
     if draw(st.sampled_from(range(20))) == 19:
         message.raw_input_contents.append(b"\0" * (MAX_MESSAGE + 1024))  # oversized
         return message, {"RESOURCE_EXHAUSTED"}
+    if message.ByteSize() > MAX_MESSAGE:  # grpc refuses it before any field is read (the error table's 413 row)
+        return message, {"RESOURCE_EXHAUSTED"}
     if invalid:
         allowed.add("INVALID_ARGUMENT")
     return message, allowed or {"OK"}

@@ -47,7 +47,7 @@ def test_slow_model_gets_deadline_exceeded_and_the_worker_recovers(
         door: FrontDoor, reference: torch.nn.Module, record: Callable[[str, dict[str, Any]], None]) -> None:
     x = np.ascontiguousarray(digits()[0][:3])
     deadline = 0.3
-    count = int(scaled(8, 64))
+    count = int(scaled(8, MAX_IN_FLIGHT))  # all admitted: this scenario is about deadlines, not the queue
     answers = asyncio.run(burst(door.grpc_target, "slow", x, count, deadline))
     late = [seconds - deadline for _, seconds in answers]
     rest = httpx.post(f"{door.http_url}/v2/models/slow/infer", headers={**door.headers, "timeout": str(deadline)},
