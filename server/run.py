@@ -86,7 +86,7 @@ def banner(config: ServeConfig) -> str:
     host = _dial(config.host)
     lines = ["", "gradserve is ready.",
              f"  gRPC (Open Inference Protocol v2): {host}:{config.grpc_port}",
-             f"  REST:                              http://{host}:{config.http_port}/v2  "
+             f"  REST (the same over HTTP/JSON):    http://{host}:{config.http_port}/v2  "
              f"(OpenAPI: /docs, metrics: /metrics)"]
     for archive in sorted(Path(config.model_store).glob("*.mar")):
         manifest = _manifest(archive)

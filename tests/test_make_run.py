@@ -81,3 +81,12 @@ def test_without_java_make_run_stops_at_once_with_the_install_command(tmp_path: 
     assert done.returncode != 0
     assert "apt-get install openjdk-17-jre-headless" in done.stderr
     assert time.monotonic() - started < 60 and not (tmp_path / "runs").exists()  # no training was started
+
+
+def test_the_readme_shows_the_commands_make_run_prints_and_the_test_above_runs() -> None:
+    from server.config import ServeConfig
+    from server.run import banner
+
+    printed = re.findall(r"^  (?:gRPC|REST|batch):\s+(.+)$", banner(ServeConfig()), flags=re.MULTILINE)
+    readme = (ROOT / "README.md").read_text()
+    assert len(printed) == 3 and all(command in readme for command in printed), printed

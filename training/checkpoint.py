@@ -1,6 +1,6 @@
 """Self-describing checkpoints, written atomically (temp file, then os.replace), loaded with weights_only=True.
 
-Layout of the dict (BRIEF.md, run-directory contract): format_version, model_config, state_dict, optimizer,
+Layout of the dict (ARCHITECTURE.md, "Checkpoint"): format_version, model_config, state_dict, optimizer,
 scheduler, step, epoch, rng, record, config, data, plus `resume` (what `--resume` needs to continue exactly).
 """
 
