@@ -229,7 +229,9 @@ class Backend:
         info = self.model(name, version)
         rows = self._validate(info, inputs)
         wanted = self._requested(info, outputs)
-        if not self._ready.get(name, False):  # TorchServe's state; draining still answers what it accepted
+        if self._draining:  # accepted requests still finish; new ones go elsewhere
+            raise Unavailable("the server is shutting down; retry (another replica will answer)")
+        if not self._ready.get(name, False):  # TorchServe's state
             raise Unavailable(f"model {name!r} is not ready (TorchServe is starting or restarting); retry shortly")
         if self._in_flight >= self._config.max_in_flight:
             raise Overloaded(f"the server has {self._in_flight} requests in flight; retry with backoff")

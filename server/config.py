@@ -26,6 +26,7 @@ class ServeConfig:
     max_in_flight: int = 4096  # requests admitted at once; more are refused with RESOURCE_EXHAUSTED
     default_timeout_s: float = 30.0  # deadline of a backend call when the caller sets none
     grace_s: float = 10.0  # SIGTERM: time in-flight requests get to finish
+    drain_s: float = 1.0  # SIGTERM: keep answering UNAVAILABLE this long before the transports close
     max_connection_age_s: int = 300  # gRPC connections are recycled after this, for client-side balancing
     # Coalescing of concurrent small requests into one multi-row backend call (0 rows: off).
     coalesce_max_rows: int = 64

@@ -103,10 +103,16 @@ async def serve(config: ServeConfig) -> int:
     await stop.wait()
 
     log.info("stopping: in-flight requests get up to %.1f s", config.grace_s)
-    backend.drain()
+    backend.drain()  # from here new requests get UNAVAILABLE (retry elsewhere) from our own code
+    deadline = loop.time() + config.grace_s
+    settle = loop.time() + min(config.drain_s, config.grace_s)
+    while (backend.in_flight or loop.time() < settle) and loop.time() < deadline:
+        # Accepted requests finish, and callers (and load balancers) hear UNAVAILABLE from us rather than
+        # have their calls cut off by the transport's shutdown.
+        await asyncio.sleep(0.02)
     if http is not None:
         http.should_exit = True
-    await asyncio.gather(grpc_server.stop(config.grace_s), *([http_task] if http_task else []))
+    await asyncio.gather(grpc_server.stop(max(deadline - loop.time(), 0.5)), *([http_task] if http_task else []))
     await supervisor.stop()
     log.info("stopped")
     return 0

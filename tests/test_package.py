@@ -56,8 +56,11 @@ def test_cli_builds_the_archive_with_the_contract_layout(run: Path, tmp_path: Pa
     assert read(archive, "handler.py") == (ROOT / "handlers/handler.py").read_bytes()
     mar = json.loads(read(archive, "MAR-INF/MANIFEST.json"))["model"]
     assert (mar["modelName"], mar["modelVersion"], mar["handler"]) == ("digits", "1.0", "handler.py")
+    shipped = yaml.safe_load((ROOT / "gradserve.yaml").read_text())["package"]  # the CLI read this section
     assert yaml.safe_load(read(archive, "model-config.yaml")) == {
-        "batchSize": 32, "maxBatchDelay": 5, "minWorkers": 1, "maxWorkers": 1, "responseTimeout": 30}
+        "batchSize": shipped["batch_size"], "maxBatchDelay": shipped["max_batch_delay_ms"],
+        "minWorkers": shipped["min_workers"], "maxWorkers": shipped["max_workers"],
+        "responseTimeout": shipped["response_timeout_s"], "handler": {"torch_threads": shipped["torch_threads"]}}
     assert (store / "digits-1.0.mar").read_bytes() == archive.read_bytes()
 
 
