@@ -27,7 +27,6 @@ import resource
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -154,7 +153,9 @@ def running_torchserve(store: Path, workdir: Path) -> Iterator[Any]:
 
 @contextmanager
 def running_front_door(store: Path, workdir: Path, serve_config: str) -> Iterator[FrontDoor]:
-    grpc_port, http_port = _free_ports(2)
+    from server.torchserve import free_ports
+
+    grpc_port, http_port = free_ports("127.0.0.1", 2)
     token = secrets.token_hex(12)
     workdir.mkdir(parents=True, exist_ok=True)
     with open(workdir / "frontdoor.log", "ab") as log:
@@ -175,17 +176,6 @@ def running_front_door(store: Path, workdir: Path, serve_config: str) -> Iterato
         yield door
     finally:
         _stop(process)
-
-
-def _free_ports(count: int) -> list[int]:
-    sockets = [socket.socket() for _ in range(count)]
-    try:
-        for s in sockets:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in sockets]
-    finally:
-        for s in sockets:
-            s.close()
 
 
 def _ready(door: FrontDoor) -> bool:

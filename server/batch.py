@@ -148,10 +148,8 @@ async def _run_chunk(config: BatchConfig, transport: Transport, inputs: batch_io
         ok[np.asarray(rows) - first] = True
     if logits is None:
         logits = np.zeros((n, 0), dtype=np.float32)
-    tmp = _chunk_file(work, chunk).with_suffix(".tmp")
-    with tmp.open("wb") as f:
+    with batch_io.atomic_open(_chunk_file(work, chunk), "wb") as f:
         np.savez(f, logits=logits, ok=ok, errors=np.array(json.dumps(errors)))
-    os.replace(tmp, _chunk_file(work, chunk))
 
 
 async def _infer_isolating(config: BatchConfig, transport: Transport, rows: np.ndarray,
@@ -216,9 +214,8 @@ def _shard_meta(output: Path) -> Path:
 
 
 def _atomic_write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
+    with batch_io.atomic_open(path, "wb") as f:
+        f.write(data)
 
 
 def merge(parts: list[Path], output: Path) -> int:
@@ -235,15 +232,12 @@ def merge(parts: list[Path], output: Path) -> int:
     if len(metas) != metas[0][0]["of"]:
         raise SystemExit(f"got {len(metas)} shards of {metas[0][0]['of']}; merge every shard of the job")
     batch_io.check_suffix(output, batch_io.OUTPUT_SUFFIXES, "output file")
-    tmp = output.with_name(output.name + ".tmp")
-    if output.suffix == ".npy":
-        with tmp.open("wb") as f:
+    with batch_io.atomic_open(output, "wb") as f:
+        if output.suffix == ".npy":
             np.save(f, np.concatenate([np.load(p) for _, p in metas]))
-    else:
-        with tmp.open("wb") as f:
+        else:
             for _, p in metas:
                 f.write(p.read_bytes())
-    os.replace(tmp, output)
     _atomic_write(errors_path(output), b"".join(errors_path(p).read_bytes() for _, p in metas))
     return 0
 

@@ -12,8 +12,10 @@ import csv
 import json
 import os
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import IO, Any
 
 import numpy as np
 
@@ -103,25 +105,30 @@ def _from_records(records: Iterator[tuple[str, object]], row_shape: tuple[int, .
     return Inputs(ids, rows, bad)
 
 
+@contextmanager
+def atomic_open(path: Path, mode: str = "w") -> Iterator[IO[Any]]:
+    """Write a temp file beside `path` that replaces it only once complete: a reader, or a job killed
+    mid-write and run again, never sees half a file."""
+    tmp = path.with_name(path.name + ".tmp")
+    with tmp.open(mode) as f:
+        yield f
+    os.replace(tmp, path)
+
+
 def write_outputs(path: Path, ids: list[str], logits: np.ndarray, ok: np.ndarray) -> None:
-    """Write atomically: a temp file beside `path`, then os.replace."""
     check_suffix(path, OUTPUT_SUFFIXES, "output file")
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
     if path.suffix == ".npy":
-        with tmp.open("wb") as f:
+        with atomic_open(path, "wb") as f:
             np.save(f, np.where(ok[:, None], logits, np.nan).astype(np.float32))
-    else:
-        labels = logits.argmax(axis=1)
-        with tmp.open("w") as f:
-            for i in np.flatnonzero(ok):
-                f.write(json.dumps({"id": ids[i], "label": int(labels[i]), "logits": logits[i].tolist()}) + "\n")
-    os.replace(tmp, path)
+        return
+    labels = logits.argmax(axis=1)
+    with atomic_open(path) as f:
+        for i in np.flatnonzero(ok):
+            f.write(json.dumps({"id": ids[i], "label": int(labels[i]), "logits": logits[i].tolist()}) + "\n")
 
 
 def write_errors(path: Path, errors: list[dict[str, str]]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with tmp.open("w") as f:
+    with atomic_open(path) as f:
         for error in errors:
             f.write(json.dumps(error) + "\n")
-    os.replace(tmp, path)

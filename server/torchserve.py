@@ -86,7 +86,7 @@ class TorchServe:
         missing = [m for m in self.config.models if not (self.config.model_store / m).is_file()]
         if missing:
             raise TorchServeError(f"archives {missing} not in {self.config.model_store}: run gradserve package")
-        self.config = _with_free_ports(self.config)
+        self.config = _withfree_ports(self.config)
         workdir = self.config.workdir
         (workdir / "tmp").mkdir(parents=True, exist_ok=True)
         (workdir / "key_file.json").unlink(missing_ok=True)
@@ -124,7 +124,7 @@ class TorchServe:
             "max_request_size": c.max_request_size,
             "max_response_size": c.max_request_size,
             # Worker sockets are named after this port; a random one keeps instances apart.
-            "initial_worker_port": _free_ports(c.host, 1)[0],
+            "initial_worker_port": free_ports(c.host, 1)[0],
         }
         if c.netty_threads:
             lines["number_of_netty_threads"] = c.netty_threads
@@ -275,7 +275,7 @@ def _signal_group(pgid: int, sig: signal.Signals) -> None:
         os.killpg(pgid, sig)
 
 
-def _free_ports(host: str, count: int) -> list[int]:
+def free_ports(host: str, count: int) -> list[int]:
     """Distinct free ports: all sockets stay bound until every port is known."""
     sockets = [socket.socket() for _ in range(count)]
     try:
@@ -287,7 +287,7 @@ def _free_ports(host: str, count: int) -> list[int]:
             s.close()
 
 
-def _with_free_ports(config: TorchServeConfig) -> TorchServeConfig:
+def _withfree_ports(config: TorchServeConfig) -> TorchServeConfig:
     names = ("inference_port", "management_port", "metrics_port", "grpc_inference_port", "grpc_management_port")
-    free = iter(_free_ports(config.host, len(names)))
+    free = iter(free_ports(config.host, len(names)))
     return replace(config, **{n: getattr(config, n) or next(free) for n in names})
