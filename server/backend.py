@@ -75,6 +75,7 @@ class Backend:
         self._http: httpx.AsyncClient | None = None
         self._keys: Keys | None = None
         self._ready: dict[str, bool] = {}
+        self._unknown_polls: dict[str, int] = dict.fromkeys(self._registry, 0)
         self._tasks: list[asyncio.Task[None]] = []
         self._in_flight = 0
         self._draining = False
@@ -148,22 +149,38 @@ class Backend:
         self._channel = self._stub = self._http = self._endpoint = None
 
     async def poll_ready(self) -> None:
-        """Ask TorchServe's management API which models have a READY worker."""
+        """Ask TorchServe's management API which models have a READY worker. A poll that gets no answer
+        (TorchServe busy or restarting its management key) keeps the last state; `unknown_polls_max` such
+        polls in a row mean not ready. A process that exits is the supervisor's to notice, at once."""
         states = {}
         for name in self._registry:
-            states[name] = await self._model_has_ready_worker(name)
+            answer = await self._model_has_ready_worker(name)
+            if answer is None:
+                self._unknown_polls[name] += 1
+                answer = self._ready.get(name, False) and self._unknown_polls[name] < self._config.unknown_polls_max
+            else:
+                self._unknown_polls[name] = 0
+            states[name] = answer
         self._set_ready(states)
 
-    async def _model_has_ready_worker(self, name: str) -> bool:
-        if self._http is None or self._keys is None:
-            return False
-        try:
-            response = await self._http.get(f"/models/{name}", headers=self._auth(self._keys.management))
-            if response.status_code != 200:
-                return False
-            return any(w.get("status") == "READY" for entry in response.json() for w in entry.get("workers", []))
-        except (httpx.HTTPError, ValueError):
-            return False
+    async def _model_has_ready_worker(self, name: str) -> bool | None:
+        """Whether TorchServe reports a READY worker for `name`; None when it did not say."""
+        for _ in range(2):
+            keys = self._keys
+            if self._http is None or keys is None:
+                return None
+            try:
+                response = await self._http.get(f"/models/{name}", headers=self._auth(keys.management))
+                if response.status_code in (400, 401, 403) and "Token Authorization" in response.text:
+                    # Its management key was renewed under this call: follow the key file, then ask again.
+                    await self._reload_keys(stale=keys.management, kind="management")
+                    continue
+                if response.status_code != 200:
+                    return False
+                return any(w.get("status") == "READY" for entry in response.json() for w in entry.get("workers", []))
+            except (httpx.HTTPError, ValueError, Unavailable):
+                return None
+        return None
 
     def _set_ready(self, states: dict[str, bool]) -> None:
         before = self.ready()
@@ -198,14 +215,14 @@ class Backend:
         await self._reload_keys()
         log.info("renewed TorchServe's keys; they expire in %.0f s", self._keys.expires - time.time())
 
-    async def _reload_keys(self, stale: Keys | None = None) -> None:
+    async def _reload_keys(self, stale: str | None = None, kind: str = "inference") -> None:
         """Read TorchServe's key file, which it rewrites in place (a reader can catch it half-written); with
-        `stale`, wait until the file holds an inference key other than that one."""
+        `stale`, wait until the file holds a `kind` ("inference" or "management") key other than that one."""
         assert self._endpoint is not None
         for _ in range(40):
             try:
                 keys = Keys.read(self._endpoint.key_file)
-                if stale is None or keys.inference != stale.inference:
+                if stale is None or getattr(keys, kind) != stale:
                     self._keys = keys
                     return
             except (OSError, ValueError, KeyError):
@@ -291,7 +308,7 @@ class Backend:
                     raise _backend_error(e) from None
                 # TorchServe renewed its keys under this call (it drops the old key before it has rewritten
                 # its key file): wait for the new key, then try again.
-                await self._reload_keys(stale=keys)
+                await self._reload_keys(stale=keys.inference)
         else:
             raise Unavailable("the model server refused its renewed key; retry shortly")
         try:

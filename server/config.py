@@ -34,6 +34,7 @@ class ServeConfig:
     coalesce_max_calls: int = 2  # backend calls in flight per model before requests start to queue
     # TorchServe supervision and token renewal.
     ready_poll_s: float = 1.0
+    unknown_polls_max: int = 3  # readiness polls in a row that TorchServe leaves unanswered before "not ready"
     restart_backoff_s: float = 1.0  # first restart delay; doubles up to restart_backoff_max_s
     restart_backoff_max_s: float = 30.0
     token_renew_margin_s: float = 30.0  # renew TorchServe's keys this long before they expire

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import io
 import ipaddress
 import json
@@ -22,7 +23,10 @@ from run_fixtures import digits
 from torchserve_fixtures import packaged_store, predictions_stub, running_torchserve
 
 from handlers import codec
+from server.backend import Backend, Endpoint
+from server.config import ServeConfig
 from server.generated import torchserve_pb2
+from server.models import model_info, read_manifest
 from server.torchserve import TorchServe, TorchServeError, archive_model_name, check_java
 from training.model import build_model
 
@@ -153,3 +157,29 @@ def test_rest_body_carries_the_same_bytes(torchserve: TorchServe, store: Path) -
     with torch.no_grad():
         expected = reference_model(store)(torch.from_numpy(x)).numpy()
     np.testing.assert_allclose(reply.tensors["logits"], expected, atol=1e-5, rtol=0)
+
+
+def test_the_backend_follows_keys_renewed_behind_its_back(torchserve: TorchServe, store: Path) -> None:
+    """TorchServe drops a key the moment it issues the next one, before it has rewritten its key file: the
+    front door's backend, holding the old keys, must stay ready and keep answering (a readiness poll refused
+    once made a whole replica unready for a poll interval, and thousands of requests UNAVAILABLE)."""
+    info = model_info(read_manifest(store / "digits.mar"))
+    x = digits()[0][:3]
+
+    async def scenario() -> list[bool]:
+        backend = Backend(ServeConfig(ready_poll_s=3600), {"digits": info})
+        await backend.connect(Endpoint(torchserve.grpc_inference_target, torchserve.management_url,
+                                       torchserve.config.workdir / "key_file.json"))
+        readiness = [backend.ready()]
+        try:
+            for _ in range(3):
+                await asyncio.to_thread(torchserve.renew_keys)  # what the backend's own renewal races with
+                await backend.poll_ready()
+                readiness.append(backend.ready())
+                _, outputs = await backend.infer("digits", "", {"input": x}, timeout=10)
+                assert outputs["logits"].shape == (3, 10)
+        finally:
+            await backend.close()
+        return readiness
+
+    assert asyncio.run(scenario()) == [True] * 4

@@ -41,7 +41,8 @@ def test_soak_at_concurrency_32(door: FrontDoor, reference: torch.nn.Module,
     keys_renewed = json.loads(key_file.read_text())["inference"]["key"] != first_key
     record("soak", {"concurrency": CONCURRENCY, "rows_per_request": ROWS, "duration_s": duration,
                     "keys_renewed_under_load": keys_renewed, **figures, "memory": memory})
-    assert figures["lost"] == 0 and not figures["unexpected"], figures
+    assert figures["lost"] == 0 and not figures["unexpected"], (
+        f"lost {figures['lost']}, unexpected {figures['unexpected']}; front door log: {door.log_path}")
     assert figures["requests"] > CONCURRENCY * 10, figures
     assert keys_renewed, "TorchServe's keys were not renewed during the soak"
     # Steady memory: the front door and the workers may settle a little; a leak grows with the request count.
