@@ -69,6 +69,7 @@ class BenchConfig:
     out_dir: Path = RESULTS
     seconds: float = 5.0  # measuring window per target and scenario
     warmup_s: float = 1.0
+    jvm_warmup_s: float = 10.0  # c=64 per way before the first window: TorchServe's JVMs compile their hot paths
     in_process_s: float = 1.0  # per row count and path in bench/handler_throughput.py
     batch_rows: int = 20480
     max_other_cores: float = 0.3  # CPU used by processes not under test, in cores, before a window is repeated
@@ -214,6 +215,13 @@ class Bench:
         self.config = config
         self.rows = rows
         self.windows: list[dict[str, Any]] = []
+
+    async def warm(self, target: loadgen.Target, scenario: Scenario, seconds: float) -> None:
+        senders = await target.open(np.ascontiguousarray(self.rows[:scenario.rows]), scenario.concurrency)
+        try:
+            await loadgen.closed_loop(senders, seconds, scenario.rows)
+        finally:
+            await target.close()
 
     async def measure(self, name: str, target: loadgen.Target, scenario: Scenario,
                       processes: Callable[[], dict[str, list[psutil.Process]]],
@@ -396,6 +404,10 @@ async def run_all(config: BenchConfig, stores: dict[str, Path], work: Path, rows
             Way("frontdoor_rest", lambda: loadgen.FrontDoorRest(door.http_url, door.token), SCENARIOS, in_door, calls),
         ]
         bench = Bench(config, rows)
+        print(f"warm-up: c=64 single-row for {config.jvm_warmup_s:.0f} s per way (a JVM only reaches its speed "
+              "once it has compiled its hot paths; a fresh TorchServe is ~1.5x slower)", flush=True)
+        for way in ways:
+            await bench.warm(way.make(), BY_NAME["c64"], config.jvm_warmup_s)
         for scenario in SCENARIOS:
             for way in ways:
                 if scenario in way.scenarios:
@@ -462,7 +474,9 @@ def markdown(results: dict[str, Any]) -> str:
     s = results["settings"]
     lines = [f"## `gradserve bench` {results['date']}", "",
              f"Command: `{results['command']}`  ", f"Machine: {results['machine']}  ",
-             f"Window {s['seconds']} s after {s['warmup_s']} s warm-up; front door's TorchServe archive: "
+             f"Window {s['seconds']} s after {s['warmup_s']} s warm-up (and "
+             f"{s.get('jvm_warmup_s', '0')} s at c=64 per way before the first window); "
+             "front door's TorchServe archive: "
              f"{s['frontdoor_archive']}; archives' maxWorkers {s.get('max_workers', 1)} (one worker runs). "
              "CPU columns: ms of CPU per request of each process "
              "(loadgen = the client; server = front door + TorchServe java + its python worker); rows/backend call: "
@@ -548,6 +562,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quick", action="store_true", help="short windows: about a minute in all")
     parser.add_argument("--seconds", type=float, default=None, help="measuring window (default 5; --quick 1)")
     parser.add_argument("--warmup", type=float, default=None, help="warm-up per window (default 1; --quick 0.3)")
+    parser.add_argument("--jvm-warmup", type=float, default=None,
+                        help="c=64 load per way before the first window, for the JVMs' compilers (default 10; "
+                             "--quick 2)")
     parser.add_argument("--batch-rows", type=int, default=20480, help="rows of the batch job")
     parser.add_argument("--max-other-cores", type=float, default=0.3,
                         help="repeat a window when other processes used more cores than this")
@@ -574,6 +591,7 @@ def main(args: argparse.Namespace) -> int:
     config = BenchConfig(
         run=run, out_dir=args.out_dir, seconds=args.seconds or (1.0 if args.quick else 5.0),
         warmup_s=args.warmup if args.warmup is not None else (0.3 if args.quick else 1.0),
+        jvm_warmup_s=args.jvm_warmup if args.jvm_warmup is not None else (2.0 if args.quick else 10.0),
         in_process_s=0.25 if args.quick else 1.0, batch_rows=args.batch_rows, max_other_cores=args.max_other_cores,
         max_attempts=args.max_attempts or (1 if args.quick else 2),
         serve_config=str(Path(config_path).resolve()) if config_path else os.devnull, profile=args.profile,

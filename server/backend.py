@@ -209,10 +209,11 @@ class Backend:
     async def renew_keys(self) -> None:
         """Have TorchServe issue new inference and management keys, and read them from its key file."""
         assert self._http is not None and self._keys is not None and self._endpoint is not None
+        old = self._keys
         for kind in ("inference", "management"):
-            response = await self._http.get("/token", params={"type": kind}, headers=self._auth(self._keys.api))
+            response = await self._http.get("/token", params={"type": kind}, headers=self._auth(old.api))
             response.raise_for_status()
-        await self._reload_keys()
+        await self._reload_keys(stale=old.management, kind="management")  # the last one it renewed
         log.info("renewed TorchServe's keys; they expire in %.0f s", self._keys.expires - time.time())
 
     async def _reload_keys(self, stale: str | None = None, kind: str = "inference") -> None:

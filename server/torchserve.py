@@ -35,6 +35,8 @@ from google.protobuf import empty_pb2
 
 from server.generated import torchserve_pb2_grpc
 
+LOG_CONFIG = Path(__file__).with_name("torchserve-log4j2.xml")
+
 
 @dataclass(frozen=True)
 class TorchServeConfig:
@@ -52,6 +54,7 @@ class TorchServeConfig:
     netty_threads: int = 0                # 0: TorchServe's default (number of cores)
     max_request_size: int = 64 * 1024 * 1024
     enable_metrics_api: bool = False
+    log_config: Path | None = LOG_CONFIG  # None: TorchServe's own log4j2.xml (several lines per request)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "model_store", Path(self.model_store).resolve())
@@ -97,7 +100,8 @@ class TorchServe:
         with open(self.log_path, "ab") as log:
             self.process = subprocess.Popen(
                 [str(executable), "--start", "--foreground", "--ncs", "--ts-config", str(properties),
-                 "--model-store", str(self.config.model_store)],
+                 "--model-store", str(self.config.model_store),
+                 *(["--log-config", str(self.config.log_config)] if self.config.log_config else [])],
                 cwd=workdir, env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
                 start_new_session=True)
         return self

@@ -44,7 +44,7 @@ def test_bench_quick_run_measures_every_path(tmp_path: Path) -> None:
     out = tmp_path / "results"
     done = subprocess.run(
         [str(GRADSERVE), "bench", "--run", str(run), "--quick", "--seconds", "0.3", "--warmup", "0.1",
-         "--batch-rows", "2048", "--max-attempts", "1", "--out-dir", str(out)],
+         "--jvm-warmup", "0.2", "--batch-rows", "2048", "--max-attempts", "1", "--out-dir", str(out)],
         cwd=tmp_path, capture_output=True, text=True, timeout=840)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     (report,) = out.glob("*.json")
