@@ -98,12 +98,14 @@ class TorchServe:
         env = {**os.environ, "TEMP": str(workdir / "tmp"), "TMPDIR": str(workdir / "tmp"),
                "LOG_LOCATION": str(workdir / "logs"), "METRICS_LOCATION": str(workdir / "logs")}
         with open(self.log_path, "ab") as log:
+            # Through server/ts_guard.py: TorchServe goes down with this process even if it is SIGKILLed.
             self.process = subprocess.Popen(
-                [str(executable), "--start", "--foreground", "--ncs", "--ts-config", str(properties),
+                [sys.executable, "-m", "server.ts_guard",
+                 str(executable), "--start", "--foreground", "--ncs", "--ts-config", str(properties),
                  "--model-store", str(self.config.model_store),
                  *(["--log-config", str(self.config.log_config)] if self.config.log_config else [])],
-                cwd=workdir, env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                start_new_session=True)
+                cwd=workdir, env=env, stdin=subprocess.PIPE, stdout=log,
+                stderr=subprocess.STDOUT, start_new_session=True)
         return self
 
     def properties(self) -> str:
@@ -160,6 +162,8 @@ class TorchServe:
         # The frontend's python workers share the group; none may outlive it.
         _signal_group(self.process.pid, signal.SIGKILL)
         self.process.wait(10)
+        if self.process.stdin is not None:
+            self.process.stdin.close()  # the guard's pipe
 
     def __enter__(self) -> TorchServe:
         return self.start()

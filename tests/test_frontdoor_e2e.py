@@ -381,3 +381,19 @@ def test_sigterm_during_load_loses_no_accepted_request(tmp_path_factory: pytest.
     after = {code for started, code in results if started >= signalled - 0.05}
     assert after <= {grpc.StatusCode.OK, grpc.StatusCode.UNAVAILABLE}, after
     assert not torchserve.is_running() or torchserve.status() == psutil.STATUS_ZOMBIE
+
+
+def test_torchserve_goes_down_with_a_sigkilled_front_door(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """SIGKILL leaves the front door no chance to stop its TorchServe: the guard TorchServe runs under
+    (server/ts_guard.py) sees its pipe close and stops the JVM and its workers, freeing their ports."""
+    store = built_store(tmp_path_factory)
+    with running_front_door(store.path, tmp_path_factory.mktemp("door-sigkill"), None) as door:
+        tree = [p for p in psutil.Process(door.process.pid).children(recursive=True)]
+        assert any("java" in p.name() for p in tree), tree
+        door.process.kill()
+        door.process.wait(10)
+        deadline = time.monotonic() + 30
+        while (alive := [p for p in tree if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]) \
+                and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not alive, [(p.pid, p.name()) for p in alive]
