@@ -327,9 +327,12 @@ def _backend_error(e: grpc.aio.AioRpcError) -> Exception:
         return DeadlineExceeded("the model server did not answer within the deadline")
     if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED):
         return Unavailable("the model server is unreachable; retry shortly")
-    if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
-        # TorchServe's answer to the requests a SIGKILLed (exit 137: OOM-killed) worker held; it restarts the
-        # worker. (A full TorchServe queue is UNAVAILABLE, and requests never exceed its max_request_size.)
+    worker_died = code == grpc.StatusCode.INTERNAL and (e.details() or "").startswith("Worker died")
+    if code == grpc.StatusCode.RESOURCE_EXHAUSTED or worker_died:
+        # TorchServe's answer to the requests a dead worker held, while it restarts the worker: 507
+        # (RESOURCE_EXHAUSTED) when it has already seen the exit code 137 of a SIGKILL (the OOM killer's),
+        # else 500 "Worker died." (INTERNAL), a race in its WorkerThread. (A full TorchServe queue is
+        # UNAVAILABLE, and requests never exceed its max_request_size.)
         return Unavailable("the model server lost its worker and is restarting it; retry shortly")
     return RuntimeError(f"model server call failed: {code.name}: {e.details()}")
 

@@ -38,6 +38,8 @@ def main(argv: list[str]) -> int:
     if not argv:
         print("usage: python -m server.ts_guard <command> [args...]", file=sys.stderr)
         return 2
+    if os.getpgrp() != os.getpid():
+        os.setpgid(0, 0)  # a group of its own, so that stopping "the group" never reaches whoever started it
     child = subprocess.Popen(argv, stdin=subprocess.DEVNULL)
     # After the fork: an ignored signal stays ignored across exec, and the command must keep its defaults.
     signal.signal(signal.SIGTERM, signal.SIG_IGN)

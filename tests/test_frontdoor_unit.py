@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from server import errors
-from server.backend import Backend
+from server.backend import Backend, _backend_error
 from server.client import Client, decode, request
 from server.coalescer import Coalescer
 from server.config import ServeConfig
@@ -78,6 +78,19 @@ def test_unknown_errors_are_internal_generic_and_logged(caplog: pytest.LogCaptur
         status, message = errors.status_of(KeyError("secret detail"))
     assert (status.grpc, status.http) == (grpc.StatusCode.INTERNAL, 500)
     assert "secret" not in message and "secret detail" in caplog.text
+
+
+@pytest.mark.parametrize(("code", "details", "expected"), [
+    (grpc.StatusCode.DEADLINE_EXCEEDED, "", errors.DeadlineExceeded),
+    (grpc.StatusCode.UNAVAILABLE, "", errors.Unavailable),
+    (grpc.StatusCode.RESOURCE_EXHAUSTED, "Worker died.", errors.Unavailable),  # exit 137 already seen
+    (grpc.StatusCode.INTERNAL, "Worker died.", errors.Unavailable),  # exit code not yet seen
+    (grpc.StatusCode.INTERNAL, "NullPointerException", RuntimeError),  # a bug somewhere: INTERNAL, logged
+])
+def test_torchserve_failures_map_to_what_a_caller_can_act_on(code: grpc.StatusCode, details: str,
+                                                              expected: type[Exception]) -> None:
+    failure = grpc.aio.AioRpcError(code, grpc.aio.Metadata(), grpc.aio.Metadata(), details)
+    assert type(_backend_error(failure)) is expected
 
 
 # --- the coalescer --------------------------------------------------------------------------------------------
