@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import copy
 import json
+import shutil
 import subprocess
 import zipfile
 from pathlib import Path
@@ -167,6 +168,28 @@ def test_equal_method_trains_with_weights_one(tmp_path: Path) -> None:
                       model=TINY, multitask={"method": "equal", "tasks": ["class", "parity"]})  # type: ignore[arg-type]
     lines = [json.loads(s) for s in (train_multitask(cfg) / "metrics.jsonl").read_text().splitlines()]
     assert all(m["task_weights"] == {"class": 1.0, "parity": 1.0} for m in lines)
+
+
+def test_a_resumed_multitask_run_ends_where_an_uninterrupted_one_does(tmp_path: Path) -> None:
+    """last.pt carries the task weights, their optimizer and L_i(0): resuming from a mid-run checkpoint (what
+    last.pt held at that moment) ends with the same network, task weights and metrics as running through."""
+    from training import checkpoint
+    from training.multitask import train_multitask
+
+    cfg = TrainConfig(name="mt", runs_dir=str(tmp_path), epochs=2, eval_every=15, threads=1, progress=False,
+                      model=TINY, multitask={"tasks": ["class", "ink"]})  # type: ignore[arg-type]
+    run = train_multitask(cfg)
+    through = checkpoint.load(checkpoint.last_path(run))
+    metrics = (run / "metrics.jsonl").read_text()
+
+    checkpoints = json.loads((run / "selection.json").read_text())["checkpoints"]
+    shutil.copyfile(run / checkpoints[1], checkpoint.last_path(run))  # as if killed after the second evaluation
+    resumed = checkpoint.load(checkpoint.last_path(train_multitask(cfg, resume=True)))
+    for key, value in through["state_dict"].items():
+        assert torch.equal(resumed["state_dict"][key], value), key
+    assert torch.equal(resumed["multitask"]["weights"], through["multitask"]["weights"])
+    assert not torch.equal(through["multitask"]["weights"], torch.ones(2))  # GradNorm did move them
+    assert (run / "metrics.jsonl").read_text() == metrics
 
 
 @pytest.mark.slow

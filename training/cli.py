@@ -73,13 +73,6 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
 def run(cfg: TrainConfig, dist: Dist, resume: bool) -> None:
     from training.train import train  # heavy imports only once the config is known to be valid
 
-    if cfg.multitask is not None:
-        from training.multitask import train_multitask
-
-        if resume:
-            raise SystemExit("--resume is not supported for multitask runs; train again")
-        train_multitask(cfg, dist=dist)
-        return
     distributed.init(dist, cfg.device)
     try:
         train(cfg, dist=dist, resume=resume)

@@ -89,3 +89,11 @@ class TaskWeights:
             "initial_losses": None if self.initial is None else self.initial.cpu(),
             "optimizer": self.optimizer.state_dict() if self.optimizer else {},
         }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        with torch.no_grad():
+            self.weights.copy_(state["weights"])
+        initial = state["initial_losses"]
+        self.initial = None if initial is None else initial.to(self.weights.device)
+        if self.optimizer is not None and state["optimizer"]:
+            self.optimizer.load_state_dict(state["optimizer"])

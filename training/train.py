@@ -1,5 +1,8 @@
 """The training loop, watching the global gradient norm. `run_dir = train(TrainConfig(...))`.
 
+One loop for every objective (training/objective.py): the single-task classifier, or, with a `multitask`
+section, one trunk with a head per task and the task losses balanced by GradNorm (training/multitask.py).
+
 Reads top to bottom in the order it runs: data, model, baseline, then per iteration
 forward -> loss -> backward -> gradient norm -> optional clipping -> optimizer step -> learning rate,
 and every `eval_every` iterations: evaluate -> Record -> checkpoint -> early stopping.
@@ -32,7 +35,6 @@ from typing import Any
 
 import torch
 import torch.distributed as torch_dist
-import torch.nn.functional as F
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
@@ -41,12 +43,12 @@ from training import checkpoint
 from training.config import TrainConfig
 from training.data import Splits, batch_bounds, batches, load_splits, shard_indices
 from training.distributed import Dist
-from training.evaluate import evaluate
 from training.model import ModelConfig, build_model
 from training.monitor import GradNormMonitor, clip_grads_, global_grad_norm, grads_of
+from training.objective import Objective
 from training.report import write_report
 from training.selection import Record
-from training.summary import summarize, write_selection
+from training.summary import summarize, write_json, write_selection
 
 log = logging.getLogger("gradserve.train")
 
@@ -83,7 +85,7 @@ def has_batchnorm(model: nn.Module) -> bool:
 def fresh_run_dir(run_dir: Path) -> None:
     """Start a run from nothing: the artifacts of an earlier run of the same name would mix with ours."""
     shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
-    for name in ("metrics.jsonl", "selection.json", "summary.json", "report.png"):
+    for name in ("metrics.jsonl", "selection.json", "summary.json", "report.png", "tasks.png"):
         (run_dir / name).unlink(missing_ok=True)
     (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
 
@@ -106,9 +108,20 @@ def check_resumable(saved: dict[str, Any], cfg: TrainConfig) -> None:
         raise SystemExit(f"cannot resume: settings {diff} differ from the checkpoint's; resume with the same config")
 
 
+def objective_for(cfg: TrainConfig) -> Objective:
+    if cfg.multitask is None:
+        return Objective()
+    from training.multitask import MultitaskObjective
+
+    return MultitaskObjective(cfg.multitask)
+
+
 def train(cfg: TrainConfig, data: Splits | None = None, dist: Dist | None = None, resume: bool = False) -> Path:
     """Train, checkpoint every evaluation, select a checkpoint by the gradient-norm rule; returns runs/<name>."""
     dist = dist or Dist()
+    objective = objective_for(cfg)
+    if dist.enabled and not objective.supports_ddp:
+        raise SystemExit("multitask training runs in one process; drop --nproc / torchrun")
     started = time.perf_counter()
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
@@ -130,8 +143,10 @@ def train(cfg: TrainConfig, data: Splits | None = None, dist: Dist | None = None
         channels=cfg.model.channels,
         norm=cfg.model.norm,
         dropout=cfg.model.dropout,
+        extra_heads=objective.extra_heads(),
     )
     model = build_model(model_config).to(device)
+    objective.start(model, device)
     uses_bn = has_batchnorm(model)
     if uses_bn and cfg.batch_size < BN_MIN_BATCH:
         log.warning(
@@ -146,9 +161,9 @@ def train(cfg: TrainConfig, data: Splits | None = None, dist: Dist | None = None
         else:
             log.warning("sync_bn: SyncBatchNorm needs CUDA; on CPU/gloo each rank keeps its own BatchNorm statistics")
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    use_amp = cfg.amp and device.type == "cuda"
+    use_amp = cfg.amp and device.type == "cuda" and objective.supports_amp
     if cfg.amp and not use_amp:
-        log.warning("amp: mixed precision is used on CUDA only; training in float32 on %s", device)
+        log.warning("amp: mixed precision is used on CUDA for the single-task objective only; training in float32")
     scaler = torch.amp.GradScaler("cuda") if use_amp else None
     monitor = GradNormMonitor(cfg.explosion_factor, cfg.vanishing_floor, cfg.median_window)
 
@@ -165,6 +180,7 @@ def train(cfg: TrainConfig, data: Splits | None = None, dist: Dist | None = None
         f"{dist.world} process(es), device {device}\n"
         f"iterations per epoch = ceil({per_rank} / {cfg.batch_size}) = {full}{dropped}; "
         f"total = {cfg.epochs} epochs x {iters_per_epoch} = {total} iterations; evaluating every {eval_every}"
+        + (f"\n{objective.describe()}" if objective.describe() else "")
     )
 
     # ---- state the loop carries (all of it is in last.pt) -------------------------------------------------------
@@ -189,6 +205,7 @@ def train(cfg: TrainConfig, data: Splits | None = None, dist: Dist | None = None
         best_val, best_step, evals_since_best = state["best_val"], state["best_step"], state["evals_since_best"]
         baseline_loss = state["baseline_loss"]
         monitor.load_state_dict(state["monitor"])
+        objective.load_state_dict(state.get("objective", {}))
         if scaler is not None and state["scaler"]:
             scaler.load_state_dict(state["scaler"])
         started -= state["wall_time_s"]
@@ -198,10 +215,10 @@ def train(cfg: TrainConfig, data: Splits | None = None, dist: Dist | None = None
     elif dist.is_main:
         fresh_run_dir(run_dir)
         # Baseline: the freshly initialised model's validation loss, in eval mode (BatchNorm stats untouched).
-        baseline_loss, baseline_acc = evaluate(model, data.val, device)
+        baseline_loss, baseline_fields = objective.evaluate(model, data.val, device)
         say(
-            f"baseline val loss {baseline_loss:.4f} (accuracy {baseline_acc:.3f}); loss gate "
-            f"{cfg.selection.loss_ratio} x baseline = {cfg.selection.loss_ratio * baseline_loss:.4f}"
+            f"baseline {objective.loss_name} {baseline_loss:.4f}{objective.evaluation_note(baseline_fields)}; "
+            f"loss gate {cfg.selection.loss_ratio} x baseline = {cfg.selection.loss_ratio * baseline_loss:.4f}"
         )
     if dist.enabled:
         torch_dist.barrier()  # rank 0 has cleared the run directory before anyone trains
@@ -228,15 +245,7 @@ def train(cfg: TrainConfig, data: Splits | None = None, dist: Dist | None = None
 
                 # forward -> loss -> backward
                 bn_stats = [b.clone() for b in buffers]  # put back if this step is skipped
-                with torch.autocast(device.type, dtype=torch.float16) if use_amp else contextlib.nullcontext():
-                    logits = model(x)  # (B, K)
-                    loss = F.cross_entropy(logits, y)
-                optimizer.zero_grad(set_to_none=True)
-                if scaler is not None:
-                    scaler.scale(loss).backward()
-                    scaler.unscale_(optimizer)  # measure the true gradients, not the scaled ones
-                else:
-                    loss.backward()
+                loss = objective.backward(model, x, y, optimizer, scaler, use_amp)
 
                 # gradient norm: after AMP unscaling and the DDP all-reduce, before clipping; one host sync
                 grads = grads_of(params)
@@ -253,6 +262,7 @@ def train(cfg: TrainConfig, data: Splits | None = None, dist: Dist | None = None
                         scaler.step(optimizer)
                     else:
                         optimizer.step()
+                    objective.stepped()
                     step += 1
                     window["norm_sum"] += norm_value
                     window["norm_n"] += 1
@@ -294,6 +304,7 @@ def train(cfg: TrainConfig, data: Splits | None = None, dist: Dist | None = None
                         "skipped": not flags.finite,
                         "exploding": flags.exploding,
                         "vanishing": flags.vanishing,
+                        **objective.iteration_fields(),
                     }
                     metrics.write(json.dumps(line) + "\n")
                 bar.update()
@@ -315,8 +326,9 @@ def train(cfg: TrainConfig, data: Splits | None = None, dist: Dist | None = None
                     if max(by_rank) - min(by_rank) > 1e-6 * max(by_rank):
                         log.warning("ranks saw different gradient norms %s: gradients are not synchronised", by_rank)
                 val = torch.zeros(1, dtype=torch.float64)
+                fields: dict[str, Any] = {}
                 if dist.is_main:
-                    val_loss, val_acc = evaluate(raw_model, data.val, device)
+                    val_loss, fields = objective.evaluate(raw_model, data.val, device)
                     val[0] = val_loss
                 if dist.enabled:
                     torch_dist.broadcast(val, src=0)  # every rank takes the same early-stopping decision
@@ -333,7 +345,7 @@ def train(cfg: TrainConfig, data: Splits | None = None, dist: Dist | None = None
                 if cfg.patience is not None and evals_since_best >= cfg.patience:
                     stopping = True
                     stop_reason = (
-                        f"early stopping: validation loss did not improve by min_delta={cfg.min_delta} for "
+                        f"early stopping: {objective.loss_name} did not improve by min_delta={cfg.min_delta} for "
                         f"{cfg.patience} evaluations (best {best_val:.4f} at step {best_step})"
                     )
                 if metrics is not None:
@@ -356,7 +368,8 @@ def train(cfg: TrainConfig, data: Splits | None = None, dist: Dist | None = None
                         "rng": {"torch": torch.get_rng_state()},
                         "record": asdict(record),
                         "config": cfg.to_dict(),
-                        "data": data.describe(),
+                        "data": {**data.describe(), **objective.data_fields()},
+                        **objective.checkpoint_fields(),
                         "resume": {
                             "iteration": iteration,
                             "records": [asdict(r) for r in records],
@@ -366,6 +379,7 @@ def train(cfg: TrainConfig, data: Splits | None = None, dist: Dist | None = None
                             "best_step": best_step,
                             "evals_since_best": evals_since_best,
                             "monitor": monitor.state_dict(),
+                            "objective": objective.state_dict(),
                             "scaler": scaler.state_dict() if scaler else {},
                             "wall_time_s": time.perf_counter() - started,
                         },
@@ -377,7 +391,7 @@ def train(cfg: TrainConfig, data: Splits | None = None, dist: Dist | None = None
                         "iteration": iteration,
                         "epoch": epoch + 1,
                         **asdict(record),
-                        "val_accuracy": val_acc,
+                        **fields,
                         "grad_norm_by_rank": by_rank,
                         "checkpoint": rel,
                         "nonfinite_total": monitor.nonfinite_total,
@@ -387,8 +401,8 @@ def train(cfg: TrainConfig, data: Splits | None = None, dist: Dist | None = None
                     metrics.write(json.dumps(line) + "\n")
                     metrics.flush()
                     say(
-                        f"step {step}: val loss {val_loss:.4f} acc {val_acc:.3f}, grad norm {grad_norm:.3f}, "
-                        f"train loss {train_loss:.4f}"
+                        f"step {step}: {objective.loss_name} {val_loss:.4f}{objective.evaluation_note(fields)}, "
+                        f"grad norm {grad_norm:.3f}, train loss {train_loss:.4f}"
                     )
                 if stopping:
                     break
@@ -417,12 +431,10 @@ def train(cfg: TrainConfig, data: Splits | None = None, dist: Dist | None = None
             "wall_time_s": time.perf_counter() - started,
         }
         summary = summarize(run_dir, data, device, run_info)
-        write_report(run_dir)
-        sel = summary["selected"]
-        say(
-            f"selected checkpoint {sel['checkpoint']}: test accuracy {sel['test_accuracy']:.4f} "
-            f"(best of all checkpoints {summary['best_test_accuracy']:.4f}); {summary['diagnosis']['verdict']}"
-        )
+        closing = objective.finish(run_dir, summary, data, saved_checkpoints, selection.index, device)
+        write_json(run_dir / "summary.json", summary)
+        write_report(run_dir, loss_label=objective.report_label)
+        say(closing)
     if dist.enabled:
         torch_dist.barrier()
     return run_dir
