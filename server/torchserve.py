@@ -55,6 +55,7 @@ class TorchServeConfig:
     max_request_size: int = 64 * 1024 * 1024
     enable_metrics_api: bool = False
     log_config: Path | None = LOG_CONFIG  # None: TorchServe's own log4j2.xml (several lines per request)
+    max_load_failures: int = 3            # a model's worker failing to load this often at start: give up
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "model_store", Path(self.model_store).resolve())
@@ -79,6 +80,7 @@ class TorchServe:
     def __init__(self, config: TorchServeConfig) -> None:
         self.config = config
         self.process: subprocess.Popen[bytes] | None = None
+        self._log_starts: dict[Path, int] = {}  # where this start's lines begin in logs/ (they outlive restarts)
 
     # --- lifecycle -------------------------------------------------------------------------------------
     def start(self) -> TorchServe:
@@ -93,6 +95,7 @@ class TorchServe:
         workdir = self.config.workdir
         (workdir / "tmp").mkdir(parents=True, exist_ok=True)
         (workdir / "key_file.json").unlink(missing_ok=True)
+        self._log_starts = {p: p.stat().st_size if p.exists() else 0 for p in (self.ts_log_path, self.model_log_path)}
         properties = workdir / "config.properties"
         properties.write_text(self.properties())
         env = {**os.environ, "TEMP": str(workdir / "tmp"), "TMPDIR": str(workdir / "tmp"),
@@ -148,6 +151,7 @@ class TorchServe:
             problem = self._not_ready(names)
             if problem is None:
                 return
+            self._check_loads(names)
             time.sleep(0.25)
         raise TorchServeError(f"TorchServe not ready after {timeout:.0f}s ({problem}); last lines of "
                               f"{self.model_log_path}:\n{self.log_tail(15, self.model_log_path)}")
@@ -201,6 +205,10 @@ class TorchServe:
         return self.config.workdir / "torchserve.log"
 
     @property
+    def ts_log_path(self) -> Path:
+        return self.config.workdir / "logs" / "ts_log.log"
+
+    @property
     def model_log_path(self) -> Path:
         """Where the handler's log lines (python worker stdout/stderr) end up."""
         return self.config.workdir / "logs" / "model_log.log"
@@ -230,6 +238,36 @@ class TorchServe:
             with urllib.request.urlopen(request, timeout=10):
                 pass
         return self.read_keys()
+
+    def load_failures(self, model_names: list[str]) -> dict[str, int]:
+        """How often each model's worker has died and been retried since this start (TorchServe logs
+        "Retry worker" from the worker's thread, named W-<port>-<model>_<version>)."""
+        retried = re.findall(r" W-\d+-(.+?)_[^ _]+ \S+ - Retry worker", self._since_start(self.ts_log_path))
+        return {name: retried.count(name) for name in model_names}
+
+    def load_error(self, model_name: str) -> str:
+        """The worker's last word on why `model_name` did not load, since this start ("" if it said none)."""
+        text = self._since_start(self.model_log_path)
+        said = re.findall(rf"Failed to load model {re.escape(model_name)}, exception (.*)", text)
+        said = said or re.findall(r"MODEL_LOG - ((?:\w+\.)*\w*(?:Error|Exception): .*)", text)
+        return said[-1].strip() if said else ""
+
+    def _since_start(self, path: Path) -> str:
+        if not path.exists():
+            return ""
+        with open(path, "rb") as f:
+            f.seek(self._log_starts.get(path, 0))
+            return f.read().decode(errors="replace")
+
+    def _check_loads(self, model_names: list[str]) -> None:
+        """A model whose worker keeps dying while it loads (a broken archive, a handler that raises) will not
+        come up by waiting: say so now, with the worker's own words, instead of when the timeout runs out."""
+        for name, failures in self.load_failures(model_names).items():
+            if failures >= self.config.max_load_failures:
+                raise TorchServeError(
+                    f"model {name!r}: its worker failed to load {failures} times (TorchServe keeps retrying): "
+                    f"{self.load_error(name) or 'it gave no reason'}. Fix or remove its archive; the worker's log "
+                    f"is {self.model_log_path}")
 
     def _not_ready(self, model_names: list[str]) -> str | None:
         """None when ready, else what is still missing."""

@@ -7,6 +7,7 @@ import io
 import ipaddress
 import json
 import re
+import time
 import urllib.error
 import urllib.request
 import zipfile
@@ -27,7 +28,7 @@ from server.backend import Backend, Endpoint
 from server.config import ServeConfig
 from server.generated import torchserve_pb2
 from server.models import model_info, read_manifest
-from server.torchserve import TorchServe, TorchServeError, archive_model_name, check_java
+from server.torchserve import TorchServe, TorchServeConfig, TorchServeError, archive_model_name, check_java
 from training.model import build_model
 
 pytestmark = pytest.mark.slow
@@ -183,3 +184,26 @@ def test_the_backend_follows_keys_renewed_behind_its_back(torchserve: TorchServe
         return readiness
 
     assert asyncio.run(scenario()) == [True] * 4
+
+
+def test_a_model_that_cannot_load_fails_the_start_fast_with_the_workers_words(store: Path, tmp_path: Path) -> None:
+    """A broken archive (here: weights altered after packaging, so the handler refuses them) never comes up:
+    the launcher says so after a few failed loads, quoting the worker, instead of waiting out its timeout."""
+    broken = tmp_path / "store"
+    broken.mkdir()
+    with zipfile.ZipFile(store / "digits.mar") as source, zipfile.ZipFile(broken / "digits.mar", "w") as target:
+        for item in source.infolist():
+            data = source.read(item)
+            if item.filename == "weights.pt":
+                data = data[:-200] + bytes([data[-200] ^ 1]) + data[-199:]
+            target.writestr(item, data)
+    torchserve = TorchServe(TorchServeConfig(model_store=broken, workdir=tmp_path / "ts", models=("digits.mar",)))
+    started = time.monotonic()
+    try:
+        torchserve.start()
+        with pytest.raises(TorchServeError, match="failed to load 3 times") as failed:
+            torchserve.wait_ready(120)
+    finally:
+        torchserve.stop()
+    assert time.monotonic() - started < 60
+    assert "refusing weights that were altered" in str(failed.value)
