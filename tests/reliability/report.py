@@ -90,7 +90,10 @@ def section(mode: str) -> str:
     lines += [
         "",
         "Also covered elsewhere: every row of the error table from a real request, no token / wrong token on gRPC "
-        "and REST, SIGTERM under load (tests/test_frontdoor_e2e.py); TorchServe restarted during a batch job "
+        "and REST, SIGTERM under load, a SIGKILLed front door takes its TorchServe down with it "
+        "(tests/test_frontdoor_e2e.py); keys renewed behind the backend's back, and an archive whose worker "
+        "cannot load failing TorchServe's start after 3 tries with the worker's reason instead of a 180 s wait "
+        "(tests/test_torchserve_integration.py); TorchServe restarted during a batch job "
         "(tests/test_batch_served.py); tampered weights refused by the handler (tests/test_handler.py).",
     ]
     return "\n".join(lines) + "\n"
