@@ -161,6 +161,31 @@ def test_a_short_run_logs_every_task_each_iteration(run: Path) -> None:
     assert (run / "tasks.png").stat().st_size > 0 and (run / "report.png").stat().st_size > 0
 
 
+def test_reselecting_a_multitask_run_rescores_every_task(run: Path, tmp_path: Path) -> None:
+    """`gradserve select` with another rule rewrites summary.json for the new choice, per-task metrics included."""
+    from training import checkpoint
+    from training.data import load_splits
+    from training.summary import load_model
+    from training.tasks import evaluate_tasks
+
+    copy_of_run = tmp_path / "mt"
+    shutil.copytree(run, copy_of_run)
+    before = json.loads((copy_of_run / "selection.json").read_text())["selection"]["index"]
+    lax = ["--loss-ratio", "1", "--tolerance", "100", "--decline-window", "1", "--strategy", "first"]
+    assert gradserve_main(["select", "--run", str(copy_of_run), *lax]) == 0
+    doc = json.loads((copy_of_run / "selection.json").read_text())
+    chosen = doc["checkpoints"][doc["selection"]["index"]]
+    assert doc["selection"]["index"] != before  # the rule change moved the choice
+    summary = json.loads((copy_of_run / "summary.json").read_text())
+    assert summary["selected"]["checkpoint"] == chosen and summary["multitask"]["method"] == "gradnorm"
+    cfg = TrainConfig.from_dict(checkpoint.load(checkpoint.last_path(copy_of_run))["config"])
+    data = load_splits(cfg.dataset, cfg.val_fraction, cfg.test_fraction, cfg.seed)
+    cpu = torch.device("cpu")
+    expected = evaluate_tasks(load_model(copy_of_run / chosen, cpu), data.test, tasks_named(("class", "ink")), cpu)
+    for task, metrics in expected.items():
+        assert summary["multitask"]["test"]["selected"][task] == pytest.approx(metrics), task
+
+
 def test_equal_method_trains_with_weights_one(tmp_path: Path) -> None:
     from training.multitask import train_multitask
 

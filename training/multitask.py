@@ -28,7 +28,7 @@ from training.distributed import Dist
 from training.gradnorm import TaskWeights, last_shared_weight, task_grad_norms
 from training.multitask_report import write_task_report
 from training.objective import Objective
-from training.summary import load_model
+from training.summary import load_model, write_json
 from training.tasks import Task, describe, evaluate_tasks, extra_heads, task_losses, tasks_named
 
 
@@ -139,6 +139,7 @@ class MultitaskObjective(Objective):
     def finish(self, run_dir: Path, summary: dict[str, Any], data: Splits, checkpoints: list[str], chosen: int,
                device: torch.device) -> str:
         summary["multitask"] = task_summary(run_dir, self.section, data, self.tasks, checkpoints, chosen, device)
+        write_json(run_dir / "summary.json", summary)
         write_task_report(run_dir)
         return f"test metrics of the selected checkpoint: {summary['multitask']['test']['selected']}"
 

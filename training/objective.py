@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from training.config import TrainConfig
 from training.data import Split, Splits
 from training.evaluate import evaluate
 
@@ -88,7 +89,17 @@ class Objective:
 
     def finish(self, run_dir: Path, summary: dict[str, Any], data: Splits, checkpoints: list[str], chosen: int,
                device: torch.device) -> str:
-        """Extra artifacts once the run is summarised (`summary` may gain fields); returns a closing line."""
+        """Extra artifacts once the run is summarised (summary.json is written: `summary` is what it holds);
+        returns a closing line."""
         selected = summary["selected"]
         return (f"selected checkpoint {selected['checkpoint']}: test accuracy {selected['test_accuracy']:.4f} "
                 f"(best of all checkpoints {summary['best_test_accuracy']:.4f}); {summary['diagnosis']['verdict']}")
+
+
+def objective_for(cfg: TrainConfig) -> Objective:
+    """The objective of a training config: a multitask section picks GradNorm/equal, else cross-entropy."""
+    if cfg.multitask is None:
+        return Objective()
+    from training.multitask import MultitaskObjective  # it builds on this module
+
+    return MultitaskObjective(cfg.multitask)

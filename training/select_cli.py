@@ -32,30 +32,34 @@ def main(args: argparse.Namespace) -> int:
         selection = write_selection(args.run, doc["records"], doc["checkpoints"], doc["baseline_loss"], rule)
     except ValueError as e:
         raise SystemExit(f"gradserve select: {e}") from e
-    refresh_outputs(args.run)
+    refresh_outputs(args.run, selection.index)
     print(json.dumps({"selection": dataclasses.asdict(selection), "rule": dataclasses.asdict(rule)}, indent=2))
     return 0
 
 
-def refresh_outputs(run_dir: Path) -> None:
-    """Redraw report.png and rescore summary.json for the new choice (the digits data is rebuilt from the config)."""
+def refresh_outputs(run_dir: Path, chosen: int) -> None:
+    """Redraw report.png and rescore summary.json for the new choice (the digits data is rebuilt from the config),
+    with what the run's objective adds (a multi-task run's per-task metrics and tasks.png)."""
     import torch
 
     from training import checkpoint
     from training.config import TrainConfig
     from training.data import load_splits
+    from training.objective import objective_for
     from training.report import write_report
-    from training.summary import summarize
+    from training.summary import read_selection, summarize
 
-    write_report(run_dir)
     cfg = TrainConfig.from_dict(checkpoint.load(checkpoint.last_path(run_dir))["config"])
+    objective = objective_for(cfg)
+    write_report(run_dir, loss_label=objective.report_label)
     summary_path = run_dir / "summary.json"
     if cfg.dataset != "digits" or not summary_path.exists():
         print(f"summary.json left as it was: the {cfg.dataset!r} data cannot be rebuilt from the config")
         return
     old = json.loads(summary_path.read_text())
     computed = {"baseline_loss", "selection", "selected", "last", "best_val", "best_test_accuracy",
-                "selected_test_accuracy_below_best_points", "diagnosis", "checkpoints"}  # fmt: skip
+                "selected_test_accuracy_below_best_points", "diagnosis", "checkpoints", "multitask"}  # fmt: skip
     run_info = {k: v for k, v in old.items() if k not in computed}
     data = load_splits(cfg.dataset, cfg.val_fraction, cfg.test_fraction, cfg.seed)
-    summarize(run_dir, data, torch.device("cpu"), run_info)
+    summary = summarize(run_dir, data, torch.device("cpu"), run_info)
+    objective.finish(run_dir, summary, data, read_selection(run_dir)["checkpoints"], chosen, torch.device("cpu"))

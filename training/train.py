@@ -45,10 +45,10 @@ from training.data import Splits, batch_bounds, batches, load_splits, shard_indi
 from training.distributed import Dist
 from training.model import ModelConfig, build_model
 from training.monitor import GradNormMonitor, clip_grads_, global_grad_norm, grads_of
-from training.objective import Objective
+from training.objective import objective_for
 from training.report import write_report
 from training.selection import Record
-from training.summary import summarize, write_json, write_selection
+from training.summary import summarize, write_selection
 
 log = logging.getLogger("gradserve.train")
 
@@ -106,14 +106,6 @@ def check_resumable(saved: dict[str, Any], cfg: TrainConfig) -> None:
     diff = sorted(k for k in now if k not in ignore and saved.get(k) != now[k])
     if diff:
         raise SystemExit(f"cannot resume: settings {diff} differ from the checkpoint's; resume with the same config")
-
-
-def objective_for(cfg: TrainConfig) -> Objective:
-    if cfg.multitask is None:
-        return Objective()
-    from training.multitask import MultitaskObjective
-
-    return MultitaskObjective(cfg.multitask)
 
 
 def train(cfg: TrainConfig, data: Splits | None = None, dist: Dist | None = None, resume: bool = False) -> Path:
@@ -180,8 +172,9 @@ def train(cfg: TrainConfig, data: Splits | None = None, dist: Dist | None = None
         f"{dist.world} process(es), device {device}\n"
         f"iterations per epoch = ceil({per_rank} / {cfg.batch_size}) = {full}{dropped}; "
         f"total = {cfg.epochs} epochs x {iters_per_epoch} = {total} iterations; evaluating every {eval_every}"
-        + (f"\n{objective.describe()}" if objective.describe() else "")
     )
+    if objective.describe():
+        say(objective.describe())
 
     # ---- state the loop carries (all of it is in last.pt) -------------------------------------------------------
     iteration, step = 0, 0  # iterations run, optimizer steps taken (skipped iterations take none)
@@ -432,7 +425,6 @@ def train(cfg: TrainConfig, data: Splits | None = None, dist: Dist | None = None
         }
         summary = summarize(run_dir, data, device, run_info)
         closing = objective.finish(run_dir, summary, data, saved_checkpoints, selection.index, device)
-        write_json(run_dir / "summary.json", summary)
         write_report(run_dir, loss_label=objective.report_label)
         say(closing)
     if dist.enabled:
