@@ -9,7 +9,7 @@ What the rest of the pipeline sees is the weighted total loss sum_i w_i L_i: the
 loss's, the Records carry it (val_loss with the weights of that checkpoint), and the selection rule applies to
 it. Resume works as for one task (the task weights, their optimizer and L_i(0) are in last.pt); one process
 only (the per-task norms would need their own all-reduce) and float32 (GradNorm differentiates through the
-gradient norms).
+gradient norms; TrainConfig refuses `amp` with a multitask section).
 """
 
 from __future__ import annotations
@@ -71,7 +71,6 @@ class MultitaskObjective(Objective):
 
     loss_name = "weighted val loss"
     report_label = "weighted total loss"
-    supports_amp = False
     supports_ddp = False
 
     def __init__(self, section: MultitaskSection) -> None:

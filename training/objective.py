@@ -28,7 +28,6 @@ class Objective:
 
     loss_name = "val loss"  # in messages: what the loss the selection rule sees is
     report_label = "cross-entropy"  # the report's loss axis
-    supports_amp = True
     supports_ddp = True
 
     def extra_heads(self) -> dict[str, int]:

@@ -153,9 +153,9 @@ def train(cfg: TrainConfig, data: Splits | None = None, dist: Dist | None = None
         else:
             log.warning("sync_bn: SyncBatchNorm needs CUDA; on CPU/gloo each rank keeps its own BatchNorm statistics")
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    use_amp = cfg.amp and device.type == "cuda" and objective.supports_amp
+    use_amp = cfg.amp and device.type == "cuda"  # TrainConfig refuses amp with a multitask section
     if cfg.amp and not use_amp:
-        log.warning("amp: mixed precision is used on CUDA for the single-task objective only; training in float32")
+        log.warning("amp: mixed precision is used on CUDA only; training in float32 on %s", device)
     scaler = torch.amp.GradScaler("cuda") if use_amp else None
     monitor = GradNormMonitor(cfg.explosion_factor, cfg.vanishing_floor, cfg.median_window)
 
@@ -173,8 +173,8 @@ def train(cfg: TrainConfig, data: Splits | None = None, dist: Dist | None = None
         f"iterations per epoch = ceil({per_rank} / {cfg.batch_size}) = {full}{dropped}; "
         f"total = {cfg.epochs} epochs x {iters_per_epoch} = {total} iterations; evaluating every {eval_every}"
     )
-    if objective.describe():
-        say(objective.describe())
+    if intro := objective.describe():
+        say(intro)
 
     # ---- state the loop carries (all of it is in last.pt) -------------------------------------------------------
     iteration, step = 0, 0  # iterations run, optimizer steps taken (skipped iterations take none)
