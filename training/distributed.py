@@ -5,6 +5,7 @@ Only the entry points call `from_env`/`init`; the training loop receives a `Dist
 
 from __future__ import annotations
 
+import gc
 import os
 from dataclasses import dataclass
 
@@ -42,5 +43,10 @@ def init(dist: Dist, device: str) -> None:
 
 
 def close(dist: Dist) -> None:
+    """Leave the process group. The DDP wrapper and its reducer, which hold the group, live in reference cycles:
+    collect them first, while the interpreter is whole. Left to its finalization, gloo's threads were torn down
+    with it and the process aborted ("terminate called without an active exception") after a finished run,
+    in about one run in five."""
     if dist.enabled and torch_dist.is_initialized():
+        gc.collect()
         torch_dist.destroy_process_group()
