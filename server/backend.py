@@ -142,11 +142,13 @@ class Backend:
         await asyncio.gather(*self._tasks, return_exceptions=True)
         self._tasks = []
         self._set_ready({})
-        if self._channel is not None:
-            await self._channel.close()
-        if self._http is not None:
-            await self._http.aclose()
+        # Let go first: a call started while the channel closes would find it closed (UsageError).
+        channel, http = self._channel, self._http
         self._channel = self._stub = self._http = self._endpoint = None
+        if channel is not None:
+            await channel.close()  # cancels the calls in flight: `_predict` answers them UNAVAILABLE
+        if http is not None:
+            await http.aclose()
 
     async def poll_ready(self) -> None:
         """Ask TorchServe's management API which models have a READY worker. A poll that gets no answer
@@ -304,6 +306,13 @@ class Backend:
                 response = await stub.Predictions(request, timeout=timeout,
                                                   metadata=(("authorization", f"Bearer {keys.inference}"),))
                 break
+            except (asyncio.CancelledError, grpc.aio.UsageError):
+                task = asyncio.current_task()
+                if task is not None and task.cancelling():
+                    raise  # this task itself is cancelled (its caller's deadline): not ours to answer
+                # TorchServe died and `disconnect` closed the channel under this call, which grpc.aio reports
+                # as a cancellation of the awaiting task; passed on, the caller's RPC would get no answer.
+                raise Unavailable("the model server went down during the call; retry shortly") from None
             except grpc.aio.AioRpcError as e:
                 if e.code() != grpc.StatusCode.PERMISSION_DENIED or self._endpoint is None:
                     raise _backend_error(e) from None

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from server.errors import InvalidInput
+from server.errors import InvalidInput, Unavailable
 
 Outputs = dict[str, np.ndarray]
 # (rows, deadline on the loop's clock) -> outputs whose first dimension is the number of rows
@@ -109,9 +109,12 @@ class Coalescer:
             await asyncio.gather(*(self._answer([p]) for p in group))  # find the culprit
             return
         except BaseException as e:  # the backend's own failure: every member hears it
+            cancelled = isinstance(e, asyncio.CancelledError)
+            # A member handed a CancelledError would leave its RPC unanswered: it hears UNAVAILABLE instead.
+            error = Unavailable("the call to the model server was cancelled; retry shortly") if cancelled else e
             for p in group:
-                _fail(p, e)
-            if isinstance(e, asyncio.CancelledError):
+                _fail(p, error)
+            if cancelled:
                 raise
             return
         start = 0

@@ -13,13 +13,14 @@ import numpy as np
 import pytest
 
 from server import errors
-from server.backend import Backend, _backend_error
+from server.backend import Backend, Keys, _backend_error
 from server.client import Client, decode, request
 from server.coalescer import Coalescer
 from server.config import ServeConfig
 from server.errors import InvalidInput
 from server.generated import grpc_service_pb2 as pb
 from server.generated import grpc_service_pb2_grpc as pb_grpc
+from server.generated import torchserve_pb2_grpc
 from server.grpc_server import create_server
 from server.models import model_info
 from server.rest import create_app
@@ -93,6 +94,38 @@ def test_torchserve_failures_map_to_what_a_caller_can_act_on(code: grpc.StatusCo
     assert type(_backend_error(failure)) is expected
 
 
+def test_torchserve_dying_under_calls_answers_them_unavailable() -> None:
+    """TorchServe dies with calls in flight: the supervisor's `disconnect` closes the channel under them, which
+    grpc.aio reports as a cancellation of the awaiting task. Each caller must still get an answer (UNAVAILABLE,
+    at once), not a cancelled RPC that its client sees only as a deadline passing."""
+    class Hanging(torchserve_pb2_grpc.InferenceAPIsServiceServicer):
+        async def Predictions(self, request, context):  # type: ignore[no-untyped-def]
+            await asyncio.sleep(30)
+
+    async def main() -> None:
+        server = grpc.aio.server()
+        torchserve_pb2_grpc.add_InferenceAPIsServiceServicer_to_server(Hanging(), server)
+        port = server.add_insecure_port("127.0.0.1:0")
+        await server.start()
+        backend = Backend(ServeConfig(coalesce_max_rows=64, coalesce_max_calls=1), {"digits": model_info(MANIFEST)})
+        backend._channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
+        backend._stub = torchserve_pb2_grpc.InferenceAPIsServiceStub(backend._channel)
+        backend._keys = Keys("inference", "management", "api", time.time() + 60)
+        backend._ready = {"digits": True}
+        try:
+            x = np.zeros((1, 1, 8, 8), np.float32)
+            calls = [asyncio.create_task(backend.infer("digits", "", {"input": x}, timeout=20)) for _ in range(5)]
+            await asyncio.sleep(0.5)  # one call at TorchServe, four queued behind it
+            started = time.monotonic()
+            await backend.disconnect()
+            results = await asyncio.wait_for(asyncio.gather(*calls, return_exceptions=True), 5)
+            assert time.monotonic() - started < 2
+            assert all(isinstance(r, errors.Unavailable) for r in results), results
+        finally:
+            await server.stop(0)
+
+    asyncio.run(main())
+
 # --- the coalescer --------------------------------------------------------------------------------------------
 
 def test_coalescer_groups_concurrent_rows_and_gives_each_caller_its_own() -> None:
@@ -126,6 +159,22 @@ def test_a_lone_request_does_not_wait_for_company() -> None:
 
     assert asyncio.run(main()) < 0.1  # far below the 0.5 s delay bound
 
+
+
+def test_a_cancelled_group_call_answers_its_members_unavailable() -> None:
+    async def call(rows: np.ndarray, deadline: float) -> dict[str, np.ndarray]:
+        await asyncio.sleep(30)
+        return {"y": rows}
+
+    async def main() -> list[BaseException]:
+        coalescer = Coalescer(call, max_rows=64, max_delay_s=0.001, max_calls=1)
+        members = [asyncio.create_task(coalescer.submit(np.zeros((1, 2)), 1e9)) for _ in range(3)]
+        await asyncio.sleep(0.05)
+        for task in list(coalescer._tasks):  # e.g. the loop shutting down
+            task.cancel()
+        return await asyncio.wait_for(asyncio.gather(*members, return_exceptions=True), 2)
+
+    assert all(isinstance(r, errors.Unavailable) for r in asyncio.run(main()))
 
 def test_a_bad_member_fails_alone() -> None:
     async def main() -> None:

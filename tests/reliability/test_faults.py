@@ -85,7 +85,8 @@ def test_worker_killed_under_load(door: FrontDoor, reference: torch.nn.Module,
     new = worker_pids(door, "digits")
     record("worker_killed", {"concurrency": CONCURRENCY, "deadline_s": DEADLINE_S, **figures,
                              "back_in_s": round(recovered, 1)})
-    assert figures["lost"] == 0 and not figures["unexpected"], figures
+    assert figures["lost"] == 0 and not figures["unexpected"], (
+        f"lost {figures['lost']}, unexpected {figures['unexpected']}; front door log: {door.log_path}")
     assert new and killed[0] not in new, "TorchServe did not replace the killed worker"
     assert max(c.seconds for c in calls if len(c.attempts) == 1) < DEADLINE_S + 1  # nothing hung
     # TorchServe's log (server/torchserve-log4j2.xml) tells the worker's death and recovery, not each request.
@@ -115,7 +116,8 @@ def test_torchserve_killed_under_load(door: FrontDoor, reference: torch.nn.Modul
     record("torchserve_killed", {"concurrency": CONCURRENCY, "deadline_s": DEADLINE_S, **figures,
                                  "back_in_s": round(recovered, 1)})
     assert readiness[-1] == 503, "readiness never turned false"
-    assert figures["lost"] == 0 and not figures["unexpected"], figures
+    assert figures["lost"] == 0 and not figures["unexpected"], (
+        f"lost {figures['lost']}, unexpected {figures['unexpected']}; front door log: {door.log_path}")
     assert figures["failed_as_expected"].get("UNAVAILABLE", 0) > 0
     assert door.process.pid == front_door_pid and door.process.poll() is None  # the front door was not restarted
     restarted = door.torchserve()
