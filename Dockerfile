@@ -65,7 +65,7 @@ USER 10001:10001
 # Only the front door is published; TorchServe listens on 127.0.0.1 inside.
 EXPOSE 8001 8000
 HEALTHCHECK --interval=15s --timeout=5s --start-period=120s --retries=3 \
-    CMD ["python", "-m", "server.healthcheck", "127.0.0.1:8001"]
+    CMD ["python", "-m", "client.healthcheck", "127.0.0.1:8001"]
 # tini forwards SIGTERM to the front door (which drains, stops TorchServe and exits 0) and reaps orphans,
 # with or without `--init`; as a subreaper it also works below podman's/docker's own init.
 ENTRYPOINT ["tini", "-s", "--", "gradserve"]

@@ -18,10 +18,8 @@ import json
 import platform
 import tempfile
 import time
-import zipfile
 from collections.abc import Callable
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -29,6 +27,8 @@ import torch
 
 from handlers import codec
 from handlers.handler import DigitsHandler
+from handlers.local import context, unpack
+from handlers.manifest import Manifest, TensorSpec
 from training.model import ModelConfig, build_model
 
 ROWS = (1, 16, 64, 256)
@@ -40,16 +40,13 @@ RESULTS = Path(__file__).resolve().parent / "results" / "handler_throughput.json
 def model_dir(archive: Path | None, into: Path) -> Path:
     """An archive extracted as TorchServe would, or a fresh model staged in the same layout."""
     if archive is not None:
-        with zipfile.ZipFile(archive) as z:
-            z.extractall(into)
-        return into
+        return unpack(archive, into)
     config = ModelConfig()
     torch.save(build_model(config).eval().state_dict(), into / "weights.pt")
     digest = hashlib.sha256((into / "weights.pt").read_bytes()).hexdigest()
-    (into / "gradserve.json").write_text(json.dumps({
-        "name": "digits", "version": "bench", "max_rows": 1024, "model_config": config.to_dict(),
-        "inputs": [{"name": "input", "datatype": "FP32", "shape": [-1, 1, 8, 8]}],
-        "weights": {"file": "weights.pt", "sha256": digest}}))
+    Manifest(name="digits", version="bench", inputs=(TensorSpec("input", "FP32", (-1, 1, 8, 8)),),
+             outputs=(TensorSpec("logits", "FP32", (-1, 10)),), weights_file="weights.pt", weights_sha256=digest,
+             model_config=config.to_dict()).write(into / "gradserve.json")
     return into
 
 
@@ -88,13 +85,14 @@ class Precomputed(torch.nn.Module):
 
 
 def measure(handler: DigitsHandler, seconds: float) -> list[dict[str, Any]]:
-    context = SimpleNamespace(system_properties={}, metrics=None)
+    calls = context(Path("."))
     rng = np.random.default_rng(0)
     model = handler.model
     table = []
+    spec = handler.manifest.input
     for n in ROWS:
-        x = rng.random((n, 1, 8, 8), dtype=np.float32)
-        request = [{"data": codec.encode({"input": x})}]
+        x = rng.random((n, *spec.row_shape), dtype=np.float32)
+        request = [{"data": codec.encode({spec.name: x})}]
         tensor = torch.from_numpy(x)
 
         def raw(tensor: torch.Tensor = tensor) -> None:
@@ -103,13 +101,13 @@ def measure(handler: DigitsHandler, seconds: float) -> list[dict[str, Any]]:
 
         def handle(request: list = request) -> None:
             handler.model = model
-            handler.handle(request, context)
+            handler.handle(request, calls)
 
         stand_in = Precomputed(model(tensor).detach())
 
         def overhead(request: list = request, stand_in: torch.nn.Module = stand_in) -> None:
             handler.model = stand_in
-            handler.handle(request, context)
+            handler.handle(request, calls)
 
         best = best_seconds_per_call({"raw": raw, "handler": handle, "overhead": overhead}, seconds)
         handler.model = model
@@ -129,9 +127,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:
         handler = DigitsHandler()
-        handler.initialize(SimpleNamespace(system_properties={"model_dir": str(model_dir(args.archive, Path(tmp))),
-                                                              "gpu_id": None},
-                                           model_yaml_config={"maxWorkers": 1}))
+        handler.initialize(context(model_dir(args.archive, Path(tmp))))
         torch.set_num_threads(args.threads)
         table = measure(handler, args.seconds)
     print(f"{'rows':>5} {'raw rows/s':>11} {'handler rows/s':>15} {'ratio':>6} {'overhead us':>12} {'ratio':>6}")

@@ -24,8 +24,8 @@ import grpc
 import httpx
 import numpy as np
 
+from client import grpc_client as fd_client
 from handlers import codec
-from server import client as fd_client
 from server.generated import grpc_service_pb2 as pb
 from server.generated import torchserve_pb2
 

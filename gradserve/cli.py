@@ -10,14 +10,16 @@ import argparse
 import importlib
 import sys
 
+from gradserve.errors import UsageError
+
 STAGES: dict[str, tuple[str, str]] = {
     "train": ("training.cli", "train a model, watching the gradient norm; writes runs/<name>/"),
     "select": ("training.select_cli", "redo the checkpoint choice of a run with other rule parameters"),
     "package": ("training.package", "build model_store/<name>.mar from a run's selected checkpoint"),
     "serve": ("server.main", "start TorchServe on loopback and the gRPC/REST front door"),
-    "run": ("server.run", "train and package the demo if no archive exists, then serve it"),
-    "predict": ("server.predict", "send an .npy/.json input over gRPC or REST and print predictions"),
-    "batch": ("server.batch", "run a file of inputs through the front door (or --local)"),
+    "run": ("gradserve.run", "train and package the demo if no archive exists, then serve it"),
+    "predict": ("client.predict", "send an .npy/.json input over gRPC or REST and print predictions"),
+    "batch": ("client.batch", "run a file of inputs through the front door (or --local)"),
     "bench": ("bench.harness", "measure every path side by side and write bench/results/"),
 }
 
@@ -33,7 +35,11 @@ def main(argv: list[str] | None = None) -> int:
     module = importlib.import_module(STAGES[stage][0])
     parser = argparse.ArgumentParser(prog=f"gradserve {stage}", description=STAGES[stage][1])
     module.add_arguments(parser)
-    return int(module.main(parser.parse_intermixed_args(rest)) or 0)
+    try:
+        return int(module.main(parser.parse_intermixed_args(rest)) or 0)
+    except UsageError as e:  # the one place a user's mistake becomes an exit code
+        print(f"gradserve {stage}: {e}", file=sys.stderr)
+        return e.exit_code
 
 
 if __name__ == "__main__":

@@ -1,14 +1,14 @@
 """TorchServe custom handler: validate each request on its own, run the valid ones in one eval-mode forward.
 
 Requests and responses are `handlers.codec` messages (see ARCHITECTURE.md); this file knows no transport.
-The archive ships it beside `handlers/codec.py`, `training/model.py`, `weights.pt` and `gradserve.json`.
+The archive ships it beside `handlers/codec.py`, `handlers/manifest.py`, `training/model.py`, `weights.pt` and
+`gradserve.json`.
 """
 
 from __future__ import annotations
 
 import hashlib
 import inspect
-import json
 import logging
 import os
 from collections import Counter
@@ -22,6 +22,7 @@ import torch
 from ts.torch_handler.base_handler import BaseHandler
 
 from handlers import codec
+from handlers.manifest import InvalidRows, Manifest, validate_rows
 from training.model import build_model
 
 logger = logging.getLogger(__name__)
@@ -34,12 +35,12 @@ class DigitsHandler(BaseHandler):
     def initialize(self, context: Any) -> None:
         props = context.system_properties
         model_dir = Path(props["model_dir"])
-        self.spec: dict[str, Any] = json.loads((model_dir / "gradserve.json").read_text())
-        weights = model_dir / self.spec["weights"]["file"]
+        self.manifest = Manifest.read(model_dir)
+        weights = model_dir / self.manifest.weights_file
         digest = hashlib.sha256(weights.read_bytes()).hexdigest()
-        if digest != self.spec["weights"]["sha256"]:
+        if digest != self.manifest.weights_sha256:
             raise RuntimeError(f"{weights.name} has sha256 {digest}, the manifest says "
-                               f"{self.spec['weights']['sha256']}: refusing weights that were altered; repackage")
+                               f"{self.manifest.weights_sha256}: refusing weights that were altered; repackage")
 
         gpu_id = props.get("gpu_id")
         use_cuda = gpu_id is not None and torch.cuda.is_available()
@@ -52,23 +53,18 @@ class DigitsHandler(BaseHandler):
         wanted = (yaml_config.get("handler") or {}).get("torch_threads") or share
         torch.set_num_threads(min(int(wanted), share))
 
-        model = build_model(self.spec["model_config"])
+        model = build_model(self.manifest.model_config)
         model.load_state_dict(torch.load(weights, map_location=self.device, weights_only=True))
         self.model = model.to(self.device).eval()
         if any(m.training for m in self.model.modules()):
             raise RuntimeError("a module is still in training mode after eval()")
 
-        self.row_shape = tuple(self.spec["inputs"][0]["shape"][1:])  # (C, H, W)
-        self.input_name = self.spec["inputs"][0]["name"]
-        self.max_rows = int(self.spec["max_rows"])
-        self.expected = (f"one FP32 tensor {self.input_name!r} of shape [n, {', '.join(map(str, self.row_shape))}]"
-                         f" with 1 <= n <= {self.max_rows} and finite values")
         self.batch_sizes: Counter[int] = Counter()  # requests per handle() call, as TorchServe batched them
         with torch.inference_mode():
-            self.model(torch.zeros((2, *self.row_shape), device=self.device))  # warm-up
+            self.model(torch.zeros((2, *self.manifest.input.row_shape), device=self.device))  # warm-up
         self.initialized = True
-        logger.info("gradserve handler ready: %s v%s on %s, %d threads, model code %s", self.spec["name"],
-                    self.spec["version"], self.device, torch.get_num_threads(), inspect.getfile(build_model))
+        logger.info("gradserve handler ready: %s v%s on %s, %d threads, model code %s", self.manifest.name,
+                    self.manifest.version, self.device, torch.get_num_threads(), inspect.getfile(build_model))
 
     def handle(self, data: list[dict[str, Any]], context: Any) -> list[bytes]:
         self.context = context
@@ -106,18 +102,9 @@ class DigitsHandler(BaseHandler):
                                  f"in 'data' or 'body', got {type(payload).__name__}")
         try:
             message = codec.decode(payload)
-        except codec.CodecError as e:
+            return validate_rows(self.manifest, message.tensors)
+        except (codec.CodecError, InvalidRows) as e:
             return self._invalid(str(e))
-        x = message.tensors.get(self.input_name)
-        if x is None or len(message.tensors) != 1:
-            return self._invalid(f"expected {self.expected}; got tensors {sorted(message.tensors)}")
-        if x.dtype != np.float32 or x.ndim != 4 or x.shape[1:] != self.row_shape:
-            return self._invalid(f"expected {self.expected}; got {codec.datatype_of(x.dtype)} {list(x.shape)}")
-        if not 1 <= len(x) <= self.max_rows:
-            return self._invalid(f"expected {self.expected}; got n = {len(x)}")
-        if not np.isfinite(x).all():
-            return self._invalid(f"expected {self.expected}; got NaN or infinite values")
-        return x
 
     @staticmethod
     def _invalid(message: str) -> bytes:

@@ -1,47 +1,102 @@
-"""The front door's configuration: one frozen dataclass, built from gradserve.yaml's `serve:` section and
-the command line at the entry point (server/main.py), then passed down."""
+"""The front door's configuration, `serve:` in gradserve.yaml: one frozen dataclass per component, nested in
+`ServeConfig`, built by gradserve/config.py at the entry point (server/main.py) and passed down.
+
+    serve:
+      model_store: model_store
+      listen:     {host: 127.0.0.1, grpc_port: 8001, http_port: 8000}
+      auth:       {token: null}          # or the environment's GRADSERVE_TOKEN
+      limits:     {max_rows: 1024, max_message_bytes: 67108864}
+      coalesce:   {max_rows: 64, max_delay_ms: 2.0}
+      torchserve: {workdir: logs/torchserve}
+      shutdown:   {grace_s: 10.0}
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+
+from gradserve.config import ENV_TOKEN, env_field, path_field
 
 MiB = 1024 * 1024
 
 
 @dataclass(frozen=True)
-class ServeConfig:
+class Listen:
+    """Where the front door answers."""
+
     host: str = "127.0.0.1"
     grpc_port: int = 8001  # 0: any free port (tests)
     http_port: int = 8000  # 0: any free port; -1: no HTTP server
-    model_store: str = "model_store"
-    torchserve_workdir: str = "logs/torchserve"
-    # Bearer token every call but health must carry; None: no authentication.
-    token: str | None = None
     # TLS for gRPC and HTTP: both files, or neither.
-    tls_cert: str | None = None
-    tls_key: str | None = None
-    max_message_bytes: int = 64 * MiB
-    max_rows: int = 1024  # rows one request may carry (the model's manifest may lower it)
-    torchserve_queue_size: int = 1000  # TorchServe's job_queue_size per model (its own limit behind ours)
-    max_in_flight: int = 4096  # requests admitted at once; more are refused with RESOURCE_EXHAUSTED
-    default_timeout_s: float = 30.0  # deadline of a backend call when the caller sets none
-    grace_s: float = 10.0  # SIGTERM: time in-flight requests get to finish
-    drain_s: float = 1.0  # SIGTERM: keep answering UNAVAILABLE this long before the transports close
+    tls_cert: str | None = path_field()
+    tls_key: str | None = path_field()
     max_connection_age_s: int = 300  # gRPC connections are recycled after this, for client-side balancing
-    # Coalescing of concurrent small requests into one multi-row backend call (0 rows: off).
-    coalesce_max_rows: int = 64
-    coalesce_max_delay_ms: float = 2.0
-    coalesce_max_calls: int = 2  # backend calls in flight per model before requests start to queue
-    # TorchServe supervision and token renewal.
-    ready_poll_s: float = 1.0
-    unknown_polls_max: int = 3  # readiness polls in a row that TorchServe leaves unanswered before "not ready"
-    restart_backoff_s: float = 1.0  # first restart delay; doubles up to restart_backoff_max_s
-    restart_backoff_max_s: float = 30.0
-    token_renew_margin_s: float = 30.0  # renew TorchServe's keys this long before they expire
-    token_expiration_min: float = 60.0  # lifetime TorchServe gives its keys
 
     def __post_init__(self) -> None:
         if (self.tls_cert is None) != (self.tls_key is None):
             raise ValueError("TLS needs both tls_cert and tls_key (or neither)")
+
+
+@dataclass(frozen=True)
+class Auth:
+    # Bearer token every call but health must carry; None: no authentication.
+    token: str | None = env_field(ENV_TOKEN)
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_message_bytes: int = 64 * MiB  # the largest request
+    # What a request's envelope (protocol framing, the codec's header) may add to its tensor bytes on the way to
+    # TorchServe: its max_request_size and the backend channel's message limits are max_message_bytes + this.
+    envelope_bytes: int = 64 * 1024
+    max_rows: int = 1024  # rows one request may carry (the model's manifest may lower it)
+    max_in_flight: int = 4096  # requests admitted at once; more are refused with RESOURCE_EXHAUSTED
+    default_timeout_s: float = 30.0  # deadline of a backend call when the caller sets none
+
+    def __post_init__(self) -> None:
         if self.max_rows < 1 or self.max_message_bytes < 1024:
             raise ValueError("max_rows must be >= 1 and max_message_bytes >= 1024")
+
+
+@dataclass(frozen=True)
+class Coalesce:
+    """Concurrent small requests for one model go to TorchServe as one multi-row call (max_rows 0: off)."""
+
+    max_rows: int = 64
+    max_delay_ms: float = 2.0
+    max_calls: int = 2  # backend calls in flight per model before requests start to queue
+
+
+@dataclass(frozen=True)
+class TorchServeSection:
+    """TorchServe behind the door: its process, its supervision, its readiness and its keys."""
+
+    workdir: str = path_field("logs/torchserve")
+    queue_size: int = 1000  # TorchServe's job_queue_size per model (its own limit behind ours)
+    ready_timeout_s: float = 180.0  # a start that is not ready by then is stopped and retried
+    max_load_failures: int = 3  # a model's worker failing to load this often at start fails the start
+    ready_poll_s: float = 1.0
+    unknown_polls_max: int = 3  # readiness polls in a row that TorchServe leaves unanswered before "not ready"
+    restart_backoff_s: float = 1.0  # first restart delay; doubles up to restart_backoff_max_s
+    restart_backoff_max_s: float = 30.0
+    healthy_after_s: float = 60.0  # a TorchServe that ran this long before dying restarts with the first delay
+    token_renew_margin_s: float = 30.0  # renew TorchServe's keys this long before they expire
+    token_expiration_min: float = 60.0  # lifetime TorchServe gives its keys
+    key_wait_s: float = 2.0  # how long to wait for TorchServe to rewrite its key file after a renewal
+
+
+@dataclass(frozen=True)
+class Shutdown:
+    grace_s: float = 10.0  # SIGTERM: time in-flight requests get to finish
+    drain_s: float = 1.0  # SIGTERM: keep answering UNAVAILABLE this long before the transports close
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    model_store: str = path_field("model_store")
+    listen: Listen = field(default_factory=Listen)
+    auth: Auth = field(default_factory=Auth)
+    limits: Limits = field(default_factory=Limits)
+    coalesce: Coalesce = field(default_factory=Coalesce)
+    torchserve: TorchServeSection = field(default_factory=TorchServeSection)
+    shutdown: Shutdown = field(default_factory=Shutdown)

@@ -6,10 +6,11 @@ plus /metrics (Prometheus) and the OpenAPI description at /openapi.json (browsab
 
 from __future__ import annotations
 
-import math
+import functools
+import inspect
+from collections.abc import Awaitable, Callable
 from typing import Any
 
-import numpy as np
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
@@ -19,14 +20,13 @@ from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from handlers import codec
-from server import auth, metrics
+from server import auth, metrics, oip
 from server.backend import Backend
 from server.config import ServeConfig
 from server.errors import InvalidInput, MessageTooLarge, Unauthenticated, status_of
-from server.grpc_servicer import EXTENSIONS, SERVER_NAME, SERVER_VERSION
-from server.models import ModelInfo
 
 OPEN_PATHS = (*auth.OPEN_HTTP_PATHS, "/docs", "/openapi.json")
+Endpoint = Callable[..., Awaitable[Response]]
 
 
 class InputTensor(BaseModel):
@@ -63,15 +63,34 @@ class InferenceResponse(BaseModel):
     outputs: list[OutputTensor]
 
 
+def route(method: str) -> Callable[[Endpoint], Endpoint]:
+    """A route observed under `method` (the model is its `model` path parameter), whose exceptions become
+    their HTTP status and message from the error table."""
+    def decorate(endpoint: Endpoint) -> Endpoint:
+        @functools.wraps(endpoint)
+        async def wrapped(*args: Any, **kwargs: Any) -> Response:
+            with metrics.observe("rest", method, kwargs.get("model", "")) as obs:
+                try:
+                    return await endpoint(*args, obs=obs, **kwargs)
+                except Exception as e:  # noqa: BLE001 - the error table decides what the caller hears
+                    return _error(e, obs)
+        # FastAPI reads the parameters off the signature: `obs` is ours, not the caller's.
+        signature = inspect.signature(endpoint)
+        wrapped.__signature__ = signature.replace(  # type: ignore[attr-defined]
+            parameters=[p for name, p in signature.parameters.items() if name != "obs"])
+        return wrapped  # type: ignore[return-value]
+    return decorate
+
+
 def create_app(config: ServeConfig, backend: Backend) -> FastAPI:
-    app = FastAPI(title="gradserve", version=SERVER_VERSION,
+    app = FastAPI(title="gradserve", version=oip.SERVER_VERSION,
                   description="Open Inference Protocol v2 (KServe v2) in front of TorchServe")
 
     app.add_middleware(Guard, config=config)
 
     @app.get("/v2")
     async def server_metadata() -> dict[str, Any]:
-        return {"name": SERVER_NAME, "version": SERVER_VERSION, "extensions": list(EXTENSIONS)}
+        return oip.server_metadata()
 
     @app.get("/v2/health/live")
     async def live() -> dict[str, bool]:
@@ -84,40 +103,32 @@ def create_app(config: ServeConfig, backend: Backend) -> FastAPI:
 
     @app.get("/v2/models/{model}")
     @app.get("/v2/models/{model}/versions/{version}")
-    async def model_metadata(model: str, version: str = "") -> JSONResponse:
-        with metrics.observe("rest", "ModelMetadata", model) as obs:
-            try:
-                return JSONResponse(_metadata(backend.model(model, version)))
-            except Exception as e:
-                return _error(e, obs)
+    @route("ModelMetadata")
+    async def model_metadata(model: str, obs: metrics.Observation, version: str = "") -> JSONResponse:
+        return JSONResponse(oip.model_metadata(backend.model(model, version)))
 
     @app.get("/v2/models/{model}/ready")
     @app.get("/v2/models/{model}/versions/{version}/ready")
-    async def model_ready(model: str, version: str = "") -> JSONResponse:
-        with metrics.observe("rest", "ModelReady", model) as obs:
-            try:
-                ok = backend.model_ready(model, version)
-                return JSONResponse({"name": model, "ready": ok}, status_code=200 if ok else 503)
-            except Exception as e:
-                return _error(e, obs)
+    @route("ModelReady")
+    async def model_ready(model: str, obs: metrics.Observation, version: str = "") -> JSONResponse:
+        ok = backend.model_ready(model, version)
+        return JSONResponse({"name": model, "ready": ok}, status_code=200 if ok else 503)
 
     @app.post("/v2/models/{model}/infer", response_model=InferenceResponse)
     @app.post("/v2/models/{model}/versions/{version}/infer", response_model=InferenceResponse)
-    async def infer(model: str, body: InferenceRequest, request: Request, version: str = "") -> JSONResponse:
-        with metrics.observe("rest", "ModelInfer", model) as obs:
-            try:
-                inputs = {t.name: _array(t) for t in body.inputs}
-                if len(inputs) != len(body.inputs):
-                    raise InvalidInput("an input name is given twice")
-                obs.rows = max((len(x) for x in inputs.values() if x.ndim), default=0)
-                requested = [o.name for o in body.outputs or ()]
-                info, outputs = await backend.infer(model, version, inputs, requested, _timeout(request))
-                return JSONResponse({
-                    "model_name": info.name, "model_version": info.version, "id": body.id,
-                    "outputs": [{"name": k, "datatype": codec.datatype_of(v.dtype), "shape": list(v.shape),
-                                 "data": v.ravel().tolist()} for k, v in outputs.items()]})
-            except Exception as e:
-                return _error(e, obs)
+    @route("ModelInfer")
+    async def infer(model: str, body: InferenceRequest, request: Request, obs: metrics.Observation,
+                    version: str = "") -> JSONResponse:
+        inputs = {t.name: oip.from_values(t.name, t.datatype, t.shape, t.data, "data") for t in body.inputs}
+        if len(inputs) != len(body.inputs):
+            raise InvalidInput("an input name is given twice")
+        obs.rows = max((len(x) for x in inputs.values() if x.ndim), default=0)
+        requested = [o.name for o in body.outputs or ()]
+        manifest, outputs = await backend.infer(model, version, inputs, requested, _timeout(request))
+        return JSONResponse({
+            "model_name": manifest.name, "model_version": manifest.version, "id": body.id,
+            "outputs": [{"name": k, "datatype": codec.datatype_of(v.dtype), "shape": list(v.shape),
+                         "data": v.ravel().tolist()} for k, v in outputs.items()]})
 
     @app.get("/metrics")
     async def prometheus() -> Response:
@@ -142,13 +153,13 @@ class Guard:
         if scope["type"] == "http":
             headers = Headers(scope=scope)
             try:
-                if scope["path"] not in OPEN_PATHS and not auth.authorized(self.config.token,
+                if scope["path"] not in OPEN_PATHS and not auth.authorized(self.config.auth.token,
                                                                            headers.get("authorization")):
                     raise Unauthenticated(auth.MESSAGE)
                 length = int(headers.get("content-length") or 0)
-                if length > self.config.max_message_bytes:
-                    raise MessageTooLarge(f"the request has {length} bytes; "
-                                          f"the limit is {self.config.max_message_bytes}")
+                limit = self.config.limits.max_message_bytes
+                if length > limit:
+                    raise MessageTooLarge(f"the request has {length} bytes; the limit is {limit}")
             except Exception as e:
                 await _error(e)(scope, receive, send)
                 return
@@ -162,35 +173,6 @@ def _timeout(request: Request) -> float | None:
         return float(value) if value else None
     except ValueError:
         raise InvalidInput(f"timeout must be a number of seconds, got {value!r}") from None
-
-
-def _array(tensor: InputTensor) -> np.ndarray:
-    try:
-        dtype = codec.dtype_of(tensor.datatype)
-    except codec.CodecError as e:
-        raise InvalidInput(f"input {tensor.name!r}: {e}") from None
-    if any(d < 0 for d in tensor.shape):
-        raise InvalidInput(f"input {tensor.name!r}: shape {tensor.shape} has a negative dimension")
-    try:
-        flat = np.asarray(tensor.data, dtype=dtype).ravel()
-    except (ValueError, TypeError, OverflowError):  # OverflowError: e.g. 300 for INT8
-        raise InvalidInput(f"input {tensor.name!r}: data must be numbers of {tensor.datatype}, "
-                           "flat or nested, in row-major order") from None
-    count = math.prod(tensor.shape)  # Python ints: huge dimensions must not wrap around
-    if flat.size != count:
-        raise InvalidInput(f"input {tensor.name!r}: shape {tensor.shape} needs {count} values, got {flat.size}")
-    try:
-        return flat.reshape(tensor.shape)
-    except (ValueError, OverflowError) as e:  # no values, but dimensions too large to address
-        raise InvalidInput(f"input {tensor.name!r}: not a tensor of shape {tensor.shape}: {e}") from None
-
-
-def _metadata(info: ModelInfo) -> dict[str, Any]:
-    def tensors(specs: tuple) -> list[dict[str, Any]]:
-        return [{"name": s.name, "datatype": s.datatype, "shape": list(s.shape)} for s in specs]
-
-    return {"name": info.name, "versions": [info.version], "platform": info.platform,
-            "inputs": tensors(info.inputs), "outputs": tensors(info.outputs), "parameters": info.properties}
 
 
 def _error(error: Exception, obs: metrics.Observation | None = None) -> JSONResponse:

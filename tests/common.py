@@ -2,13 +2,10 @@
 
 from __future__ import annotations
 
-import socket
 from pathlib import Path
+
+from gradserve.net import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+__all__ = ["ROOT", "free_port"]

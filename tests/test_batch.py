@@ -19,8 +19,9 @@ import numpy as np
 import pytest
 from torchserve_fixtures import packaged_store
 
-from server import batch
-from server.batch_transport import LocalTransport
+from client import batch
+from client.batch_transport import LocalTransport
+from gradserve.errors import UsageError
 
 ROWS = 10_000
 
@@ -132,7 +133,7 @@ def test_two_shards_merged_equal_one_unsharded_run(archive: Path, rows: np.ndarr
     merged = tmp_path / "merged.jsonl"
     assert batch.merge(list(reversed(parts)), merged) == 0
     assert merged.read_bytes() == whole.read_bytes()
-    with pytest.raises(SystemExit, match="missing or repeated"):
+    with pytest.raises(UsageError, match="missing or repeated"):
         batch.merge([parts[1]], tmp_path / "half.jsonl")
 
 
@@ -173,5 +174,5 @@ def test_a_different_job_refuses_the_progress_of_another(archive: Path, rows: np
     work = batch.work_dir(out)
     work.mkdir()
     (work / "job.json").write_text(json.dumps({"input": "something else"}))
-    with pytest.raises(SystemExit, match="different job"):
+    with pytest.raises(UsageError, match="different job"):
         run(archive, source, out)

@@ -16,7 +16,7 @@ import pytest
 from frontdoor_fixtures import GRADSERVE, FrontDoor, built_store, running_front_door
 from test_batch import ROWS, read_jsonl, write_inputs
 
-from server import batch
+from client import batch
 
 
 @pytest.fixture(scope="module")

@@ -18,7 +18,7 @@ import pytest
 import yaml
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from server import healthcheck
+from client import healthcheck
 
 ROOT = Path(__file__).resolve().parent.parent
 DEPLOY = ROOT / "deploy"
@@ -152,7 +152,7 @@ def test_dockerfile_keeps_its_contract() -> None:
     assert "openjdk-17-jre-headless=" in text and "python proto/build.py" in text
     user = re.findall(r"^USER (\S+)", text, re.MULTILINE)
     assert user and user[-1].split(":")[0] not in ("0", "root")
-    assert re.search(r"^HEALTHCHECK .*\n.*server\.healthcheck", text, re.MULTILINE)
+    assert re.search(r"^HEALTHCHECK .*\n.*client\.healthcheck", text, re.MULTILINE)
     ignored = (ROOT / ".dockerignore").read_text().splitlines()
     assert "*" in ignored, ".dockerignore is an allow-list"
     assert not [line for line in ignored if line.startswith(("!.venv", "!runs", "!.git", "!logs"))]
@@ -176,7 +176,7 @@ def test_healthcheck_follows_the_health_service(health_server: Any) -> None:
     servicer.set("", health_pb2.HealthCheckResponse.NOT_SERVING)
     assert healthcheck.main([address, "--timeout", "2"]) == 1
     servicer.set("", health_pb2.HealthCheckResponse.SERVING)
-    probe = subprocess.run([sys.executable, "-m", "server.healthcheck", address], cwd=ROOT, capture_output=True,
+    probe = subprocess.run([sys.executable, "-m", "client.healthcheck", address], cwd=ROOT, capture_output=True,
                            text=True, timeout=30)
     assert probe.returncode == 0, probe.stderr
     assert "SERVING" in probe.stdout

@@ -28,7 +28,7 @@ from frontdoor_fixtures import GRADSERVE, TOKEN, FrontDoor, built_store, digits,
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
-from server.client import Client, decode, request
+from client.grpc_client import Client, decode, request
 from server.generated import grpc_service_pb2 as pb
 from server.generated import grpc_service_pb2_grpc as pb_grpc
 

@@ -1,29 +1,37 @@
 """Unit tests of the front door's parts against an in-process fake of TorchServe (the real stack is tested in
-test_frontdoor_e2e.py): the error table, the coalescer, the gRPC servicer and the REST app on free ports."""
+test_frontdoor_e2e.py): the error table, TorchServe's client, the coalescer, the gRPC servicer and the REST app
+on free ports."""
 
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import time
+from pathlib import Path
 
 import grpc
 import httpx
 import numpy as np
 import pytest
 
+from client.grpc_client import Client, decode, request
+from gradserve.config import build
+from handlers import codec
+from handlers.manifest import Manifest
 from server import errors
-from server.backend import Backend, Keys, _backend_error
-from server.client import Client, decode, request
+from server.backend import Backend
 from server.coalescer import Coalescer
-from server.config import ServeConfig
+from server.config import Coalesce, Limits, Listen, ServeConfig
 from server.errors import InvalidInput
 from server.generated import grpc_service_pb2 as pb
 from server.generated import grpc_service_pb2_grpc as pb_grpc
 from server.generated import torchserve_pb2_grpc
 from server.grpc_server import create_server
-from server.models import model_info
+from server.models import ServedModel
 from server.rest import create_app
+from server.torchserve.client import TorchServeClient, backend_error
+from server.torchserve.process import Endpoint
 
 MANIFEST = {
     "name": "digits", "version": "1.0", "platform": "pytorch_torchserve", "max_rows": 16, "labels": list("0123456789"),
@@ -39,23 +47,45 @@ def fake_logits(rows: np.ndarray) -> np.ndarray:
     return rows.reshape(len(rows), -1)[:, :10] * 2 + 1  # (N, 10), a function of each row alone
 
 
-class FakeBackend(Backend):
-    """The real Backend with TorchServe replaced by a function of the rows (and knobs to misbehave)."""
+class FakeTorchServe:
+    """TorchServe's client replaced by a function of the rows (and knobs to misbehave); the real Backend
+    receives it through its constructor."""
 
-    def __init__(self, config: ServeConfig, delay: float = 0.0, fail: Exception | None = None) -> None:
-        super().__init__(config, {"digits": model_info(MANIFEST)})
-        self._ready = {"digits": True}
+    def __init__(self, delay: float = 0.0, fail: Exception | None = None) -> None:
         self.delay, self.fail, self.calls = delay, fail, []
+        self._ready = True
+        self._listeners: list = []
 
-    async def _predict(self, info, rows, deadline):  # type: ignore[no-untyped-def, override]
+    def ready(self, model: str) -> bool:
+        return self._ready
+
+    def set_ready(self, ready: bool) -> None:  # e.g. TorchServe went away
+        self._ready = ready
+        for listener in self._listeners:
+            listener()
+
+    def add_listener(self, listener) -> None:  # type: ignore[no-untyped-def]
+        self._listeners.append(listener)
+
+    async def predict(self, model: str, payload: bytes, deadline: float) -> bytes:
+        rows = codec.decode(payload).tensors["input"]
         self.calls.append(len(rows))
         await asyncio.sleep(self.delay)
         if self.fail is not None:
             raise self.fail
         if (rows == -1).any():  # a poisoned row the door let through: the handler refuses the whole call
-            raise InvalidInput("row with -1")
+            return codec.encode_error(codec.INVALID_ARGUMENT, "row with -1")
         logits = fake_logits(rows)
-        return {"logits": logits, "label": logits.argmax(1).astype(np.int64)}
+        return codec.encode({"logits": logits, "label": logits.argmax(1).astype(np.int64)})
+
+
+def registry() -> dict[str, ServedModel]:
+    return {"digits": ServedModel(Manifest.from_dict(MANIFEST), Path("digits.mar"))}
+
+
+def fake_backend(config: ServeConfig, **fake: object) -> tuple[Backend, FakeTorchServe]:
+    torchserve = FakeTorchServe(**fake)  # type: ignore[arg-type]
+    return Backend(config, registry(), torchserve), torchserve
 
 
 # --- the error table ------------------------------------------------------------------------------------------
@@ -91,11 +121,33 @@ def test_unknown_errors_are_internal_generic_and_logged(caplog: pytest.LogCaptur
 def test_torchserve_failures_map_to_what_a_caller_can_act_on(code: grpc.StatusCode, details: str,
                                                               expected: type[Exception]) -> None:
     failure = grpc.aio.AioRpcError(code, grpc.aio.Metadata(), grpc.aio.Metadata(), details)
-    assert type(_backend_error(failure)) is expected
+    assert type(backend_error(failure)) is expected
 
 
-def test_torchserve_dying_under_calls_answers_them_unavailable() -> None:
-    """TorchServe dies with calls in flight: the supervisor's `disconnect` closes the channel under them, which
+async def fake_management_api(ready: bool = True) -> tuple[asyncio.Server, str]:
+    """TorchServe's management API as far as readiness goes: every model has a READY worker."""
+    body = json.dumps([{"workers": [{"status": "READY" if ready else "UNLOADING"}]}]).encode()
+
+    async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: "
+                     + str(len(body)).encode() + b"\r\n\r\n" + body)
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(answer, "127.0.0.1", 0)
+    return server, f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
+
+
+def write_key_file(path: Path) -> Path:
+    expiry = {"expiration time": "2099-01-01T00:00:00.000000000Z"}
+    path.write_text(json.dumps({"inference": {"key": "i", **expiry}, "management": {"key": "m", **expiry},
+                                "API": {"key": "a"}}))
+    return path
+
+
+def test_torchserve_dying_under_calls_answers_them_unavailable(tmp_path: Path) -> None:
+    """TorchServe dies with calls in flight: the supervisor's `stop` closes the channel under them, which
     grpc.aio reports as a cancellation of the awaiting task. Each caller must still get an answer (UNAVAILABLE,
     at once), not a cancelled RPC that its client sees only as a deadline passing."""
     class Hanging(torchserve_pb2_grpc.InferenceAPIsServiceServicer):
@@ -107,24 +159,30 @@ def test_torchserve_dying_under_calls_answers_them_unavailable() -> None:
         torchserve_pb2_grpc.add_InferenceAPIsServiceServicer_to_server(Hanging(), server)
         port = server.add_insecure_port("127.0.0.1:0")
         await server.start()
-        backend = Backend(ServeConfig(coalesce_max_rows=64, coalesce_max_calls=1), {"digits": model_info(MANIFEST)})
-        backend._channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
-        backend._stub = torchserve_pb2_grpc.InferenceAPIsServiceStub(backend._channel)
-        backend._keys = Keys("inference", "management", "api", time.time() + 60)
-        backend._ready = {"digits": True}
+        management, url = await fake_management_api()
+        client = TorchServeClient()
+        config = ServeConfig(coalesce=Coalesce(max_rows=64, max_calls=1))
+        backend = Backend(config, registry(), client)
+        await client.connect(Endpoint(f"127.0.0.1:{port}", url, url, write_key_file(tmp_path / "keys.json")),
+                             ["digits"])
+        await client.poll_ready()
+        assert backend.ready()
         try:
             x = np.zeros((1, 1, 8, 8), np.float32)
             calls = [asyncio.create_task(backend.infer("digits", "", {"input": x}, timeout=20)) for _ in range(5)]
             await asyncio.sleep(0.5)  # one call at TorchServe, four queued behind it
             started = time.monotonic()
-            await backend.disconnect()
+            await client.stop()
             results = await asyncio.wait_for(asyncio.gather(*calls, return_exceptions=True), 5)
             assert time.monotonic() - started < 2
             assert all(isinstance(r, errors.Unavailable) for r in results), results
+            assert not backend.ready()
         finally:
             await server.stop(0)
+            management.close()
 
     asyncio.run(main())
+
 
 # --- the coalescer --------------------------------------------------------------------------------------------
 
@@ -178,7 +236,7 @@ def test_a_cancelled_group_call_answers_its_members_unavailable() -> None:
 
 def test_a_bad_member_fails_alone() -> None:
     async def main() -> None:
-        backend = FakeBackend(ServeConfig(coalesce_max_rows=64, coalesce_max_calls=1), delay=0.01)
+        backend, _ = fake_backend(ServeConfig(coalesce=Coalesce(max_rows=64, max_calls=1)), delay=0.01)
         xs = [np.full((1, 1, 8, 8), 0.5, np.float32) for _ in range(6)]
         xs[3] = np.full((1, 1, 8, 8), -1, np.float32)
         results = await asyncio.gather(*(backend.infer("digits", "", {"input": x}) for x in xs),
@@ -196,18 +254,19 @@ def test_a_bad_member_fails_alone() -> None:
 
 def run_with_server(config: ServeConfig, body, **fake: object) -> None:  # type: ignore[no-untyped-def]
     async def main() -> None:
-        backend = FakeBackend(config, **fake)  # type: ignore[arg-type]
+        backend, torchserve = fake_backend(config, **fake)
         server, port = create_server(config, backend)
         await server.start()
         try:
-            await body(backend, f"127.0.0.1:{port}")
+            await body(torchserve, f"127.0.0.1:{port}")
         finally:
             await server.stop(0)
 
     asyncio.run(main())
 
 
-CONFIG = ServeConfig(grpc_port=0, token="t0k", max_message_bytes=64 * 1024)
+CONFIG = build(ServeConfig, {"listen": {"grpc_port": 0}, "auth": {"token": "t0k"},
+                             "limits": {"max_message_bytes": 64 * 1024}}, env={})
 
 
 async def code_of(coroutine) -> grpc.StatusCode:  # type: ignore[no-untyped-def]
@@ -219,7 +278,7 @@ async def code_of(coroutine) -> grpc.StatusCode:  # type: ignore[no-untyped-def]
 
 
 def test_grpc_infer_errors_and_stream() -> None:
-    async def body(backend: FakeBackend, target: str) -> None:
+    async def body(torchserve: FakeTorchServe, target: str) -> None:
         x = np.random.default_rng(0).random((3, 1, 8, 8), dtype=np.float32)
         async with Client(target, token="t0k") as client:
             out = await client.infer("digits", x, ["label"])
@@ -251,7 +310,7 @@ def test_grpc_infer_errors_and_stream() -> None:
     ({"fail": RuntimeError("boom")}, grpc.StatusCode.INTERNAL),
 ])
 def test_grpc_backend_failures(fake: dict, code: grpc.StatusCode) -> None:
-    async def body(backend: FakeBackend, target: str) -> None:
+    async def body(torchserve: FakeTorchServe, target: str) -> None:
         async with Client(target, token="t0k") as client:
             x = np.zeros((1, 1, 8, 8), np.float32)
             assert await code_of(client.infer("digits", x, timeout=0.2)) == code
@@ -260,21 +319,22 @@ def test_grpc_backend_failures(fake: dict, code: grpc.StatusCode) -> None:
 
 
 def test_not_ready_is_unavailable_and_overload_is_refused() -> None:
-    async def body(backend: FakeBackend, target: str) -> None:
+    async def body(torchserve: FakeTorchServe, target: str) -> None:
         x = np.zeros((1, 1, 8, 8), np.float32)
         async with Client(target, token="t0k") as client:
             codes = await asyncio.gather(*(code_of(client.infer("digits", x)) for _ in range(6)))
             assert set(codes) == {grpc.StatusCode.OK, grpc.StatusCode.RESOURCE_EXHAUSTED}
-            backend._ready = {}  # TorchServe went away
+            torchserve.set_ready(False)  # TorchServe went away
             assert await code_of(client.infer("digits", x)) == grpc.StatusCode.UNAVAILABLE
             assert not await client.ready()
 
-    config = ServeConfig(grpc_port=0, token="t0k", max_in_flight=2, coalesce_max_rows=0)
+    config = ServeConfig(listen=Listen(grpc_port=0), auth=CONFIG.auth, limits=Limits(max_in_flight=2),
+                         coalesce=Coalesce(max_rows=0))
     run_with_server(config, body, delay=0.2)
 
 
 def test_typed_contents_equal_raw() -> None:
-    async def body(backend: FakeBackend, target: str) -> None:
+    async def body(torchserve: FakeTorchServe, target: str) -> None:
         x = np.random.default_rng(1).random((2, 1, 8, 8), dtype=np.float32)
         typed = pb.ModelInferRequest(model_name="digits", id="t")
         typed.inputs.add(name="input", datatype="FP32", shape=x.shape).contents.fp32_contents.extend(x.ravel())
@@ -293,7 +353,7 @@ def test_typed_contents_equal_raw() -> None:
 
 def test_rest_routes_and_error_statuses() -> None:
     async def main() -> None:
-        backend = FakeBackend(CONFIG)
+        backend, _ = fake_backend(CONFIG)
         app = create_app(CONFIG, backend)
         auth = {"authorization": "Bearer t0k"}
         x = np.random.default_rng(2).random((2, 1, 8, 8), dtype=np.float32)

@@ -18,13 +18,13 @@ import torch
 import yaml
 from frontdoor_fixtures import GRADSERVE, ROOT, digits, running_front_door, selected_model
 
+from client.grpc_client import Client
 from gradserve.cli import main as gradserve_main
-from server.client import Client
 from training.config import TASK_NAMES, MultitaskSection, TrainConfig
-from training.gradnorm import MIN_WEIGHT, TaskWeights, gradnorm_loss, inverse_rates, last_shared_weight
 from training.model import ModelConfig, build_model
-from training.multitask import forward_backward
-from training.tasks import TASKS, extra_heads, task_losses, tasks_named
+from training.multitask.gradnorm import MIN_WEIGHT, TaskWeights, gradnorm_loss, inverse_rates, last_shared_weight
+from training.multitask.objective import forward_backward
+from training.multitask.tasks import TASKS, extra_heads, task_losses, tasks_named
 
 TINY = {"channels": [8, 16], "norm": "batch", "dropout": 0.0}
 
@@ -165,8 +165,8 @@ def test_reselecting_a_multitask_run_rescores_every_task(run: Path, tmp_path: Pa
     """`gradserve select` with another rule rewrites summary.json for the new choice, per-task metrics included."""
     from training import checkpoint
     from training.data import load_splits
+    from training.multitask.tasks import evaluate_tasks
     from training.summary import load_model
-    from training.tasks import evaluate_tasks
 
     copy_of_run = tmp_path / "mt"
     shutil.copytree(run, copy_of_run)
@@ -187,11 +187,11 @@ def test_reselecting_a_multitask_run_rescores_every_task(run: Path, tmp_path: Pa
 
 
 def test_equal_method_trains_with_weights_one(tmp_path: Path) -> None:
-    from training.multitask import train_multitask
+    from training.train import train
 
     cfg = TrainConfig(name="eq", runs_dir=str(tmp_path), epochs=1, eval_every=20, threads=1, progress=False,
                       model=TINY, multitask={"method": "equal", "tasks": ["class", "parity"]})  # type: ignore[arg-type]
-    lines = [json.loads(s) for s in (train_multitask(cfg) / "metrics.jsonl").read_text().splitlines()]
+    lines = [json.loads(s) for s in (train(cfg) / "metrics.jsonl").read_text().splitlines()]
     assert all(m["task_weights"] == {"class": 1.0, "parity": 1.0} for m in lines)
 
 
@@ -199,17 +199,17 @@ def test_a_resumed_multitask_run_ends_where_an_uninterrupted_one_does(tmp_path: 
     """last.pt carries the task weights, their optimizer and L_i(0): resuming from a mid-run checkpoint (what
     last.pt held at that moment) ends with the same network, task weights and metrics as running through."""
     from training import checkpoint
-    from training.multitask import train_multitask
+    from training.train import train
 
     cfg = TrainConfig(name="mt", runs_dir=str(tmp_path), epochs=2, eval_every=15, threads=1, progress=False,
                       model=TINY, multitask={"tasks": ["class", "ink"]})  # type: ignore[arg-type]
-    run = train_multitask(cfg)
+    run = train(cfg)
     through = checkpoint.load(checkpoint.last_path(run))
     metrics = (run / "metrics.jsonl").read_text()
 
     checkpoints = json.loads((run / "selection.json").read_text())["checkpoints"]
     shutil.copyfile(run / checkpoints[1], checkpoint.last_path(run))  # as if killed after the second evaluation
-    resumed = checkpoint.load(checkpoint.last_path(train_multitask(cfg, resume=True)))
+    resumed = checkpoint.load(checkpoint.last_path(train(cfg, resume=True)))
     for key, value in through["state_dict"].items():
         assert torch.equal(resumed["state_dict"][key], value), key
     assert torch.equal(resumed["multitask"]["weights"], through["multitask"]["weights"])

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import zipfile
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -13,15 +12,14 @@ import pytest
 import torch
 from run_fixtures import digits, make_run, selected_model
 
-from handlers import codec
+from handlers import codec, local
 from handlers.handler import DigitsHandler
 from training.package import PackageConfig, package
 
 
 def context(model_dir: Path, workers: int = 2) -> SimpleNamespace:
     """What TorchServe hands the handler; two workers -> one torch thread each on this 2-core box."""
-    return SimpleNamespace(system_properties={"model_dir": str(model_dir), "gpu_id": None, "batch_size": 32},
-                           model_yaml_config={"maxWorkers": workers}, manifest={}, metrics=None)
+    return local.context(model_dir, max_workers=workers, batch_size=32)
 
 
 @pytest.fixture(scope="module")
@@ -33,10 +31,7 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def model_dir(run: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     store = tmp_path_factory.mktemp("store")
     archive = package(run, PackageConfig(model_store=str(store), max_rows=256))
-    target = tmp_path_factory.mktemp("extracted")
-    with zipfile.ZipFile(archive) as z:
-        z.extractall(target)
-    return target
+    return local.unpack(archive, tmp_path_factory.mktemp("extracted"))
 
 
 @pytest.fixture(scope="module")

@@ -84,9 +84,54 @@ def test_without_java_make_run_stops_at_once_with_the_install_command(tmp_path: 
 
 
 def test_the_readme_shows_the_commands_make_run_prints_and_the_test_above_runs() -> None:
+    from gradserve.run import banner
     from server.config import ServeConfig
-    from server.run import banner
 
     printed = re.findall(r"^  (?:gRPC|REST|batch):\s+(.+)$", banner(ServeConfig()), flags=re.MULTILINE)
     readme = (ROOT / "README.md").read_text()
     assert len(printed) == 3 and all(command in readme for command in printed), printed
+
+
+def test_gradserve_run_requires_the_token_from_the_environment_and_never_prints_it(
+        tmp_path: Path, tmp_path_factory: pytest.TempPathFactory) -> None:
+    """GRADSERVE_TOKEN alone turns authentication on for `gradserve run` (gRPC and REST), and neither the banner
+    nor any log line shows it."""
+    import grpc
+    import httpx
+    from frontdoor_fixtures import GRADSERVE, built_store
+
+    from server.generated import grpc_service_pb2 as pb
+    from server.generated import grpc_service_pb2_grpc as pb_grpc
+
+    secret = "s3cret-token-never-printed"
+    config = tmp_path / "gradserve.yaml"
+    config.write_text(f"serve:\n  model_store: {built_store(tmp_path_factory).path}\n"
+                      f"  torchserve: {{workdir: {tmp_path / 'torchserve'}}}\n")
+    grpc_port, http_port = free_port(), free_port()
+    log_path = tmp_path / "run.log"
+    with log_path.open("w") as log:
+        run = subprocess.Popen([str(GRADSERVE), "run", "--config", str(config), "--grpc-port", str(grpc_port),
+                                "--http-port", str(http_port)], cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT,
+                               stdin=subprocess.DEVNULL, env={**os.environ, "GRADSERVE_TOKEN": secret},
+                               start_new_session=True)
+    try:
+        deadline = time.monotonic() + 240
+        while "gradserve is ready." not in log_path.read_text() and time.monotonic() < deadline:
+            assert run.poll() is None, log_path.read_text()[-3000:]
+            time.sleep(0.5)
+        assert "authentication: on, bearer token from $GRADSERVE_TOKEN" in log_path.read_text()
+        with grpc.insecure_channel(f"127.0.0.1:{grpc_port}") as channel:
+            stub = pb_grpc.GRPCInferenceServiceStub(channel)
+            with pytest.raises(grpc.RpcError) as refused:
+                stub.ModelMetadata(pb.ModelMetadataRequest(name="digits"), timeout=10)
+            assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
+            answer = stub.ModelMetadata(pb.ModelMetadataRequest(name="digits"), timeout=10,
+                                        metadata=(("authorization", f"Bearer {secret}"),))
+            assert answer.name == "digits"
+        rest = f"http://127.0.0.1:{http_port}/v2/models/digits"
+        assert httpx.get(rest, timeout=10).status_code == 401
+        assert httpx.get(rest, headers={"authorization": f"Bearer {secret}"}, timeout=10).status_code == 200
+    finally:
+        os.killpg(run.pid, signal.SIGINT)
+        run.wait(timeout=90)
+    assert secret not in log_path.read_text()

@@ -49,7 +49,8 @@ def test_cli_builds_the_archive_with_the_contract_layout(run: Path, tmp_path: Pa
     with zipfile.ZipFile(archive) as z:
         names = set(z.namelist())
     assert names == {"MAR-INF/MANIFEST.json", "handler.py", "weights.pt", "model-config.yaml", "gradserve.json",
-                     "handlers/__init__.py", "handlers/codec.py", "training/__init__.py", "training/model.py"}
+                     "handlers/__init__.py", "handlers/codec.py", "handlers/manifest.py", "training/__init__.py",
+                     "training/model.py"}
     assert read(archive, "training/__init__.py") == b""
     assert read(archive, "handlers/codec.py") == (ROOT / "handlers/codec.py").read_bytes()
     assert read(archive, "training/model.py") == (ROOT / "training/model.py").read_bytes()
@@ -95,7 +96,7 @@ def test_fallback_selection_is_refused_unless_allowed(run: Path, tmp_path: Path,
     fallback = fallback_copy(run, tmp_path)
     store = tmp_path / "store"
     assert gradserve(["package", "--run", str(fallback), "--model-store", str(store)]) == 2
-    message = capsys.readouterr().out
+    message = capsys.readouterr().err  # a refusal is an error: on stderr
     assert "fell back" in message and "--allow-fallback" in message
     assert not store.exists() or not list(store.iterdir())
 

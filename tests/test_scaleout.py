@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from frontdoor_fixtures import GRADSERVE, FrontDoor, built_store, running_front_door
 
-from server.client import Client
+from client.grpc_client import Client
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,6 @@ import urllib.error
 import urllib.request
 import zipfile
 from collections.abc import Iterator
-from datetime import UTC, datetime
 from pathlib import Path
 
 import grpc
@@ -24,11 +23,13 @@ from run_fixtures import digits
 from torchserve_fixtures import packaged_store, predictions_stub, running_torchserve
 
 from handlers import codec
-from server.backend import Backend, Endpoint
-from server.config import ServeConfig
+from handlers.manifest import Manifest
+from server.backend import Backend
+from server.config import ServeConfig, TorchServeSection
 from server.generated import torchserve_pb2
-from server.models import model_info, read_manifest
-from server.torchserve import TorchServe, TorchServeConfig, TorchServeError, archive_model_name, check_java
+from server.models import ServedModel
+from server.torchserve.client import Keys, TorchServeClient, wait_until_ready
+from server.torchserve.process import TorchServe, TorchServeConfig, TorchServeError, archive_model_name, check_java
 from training.model import build_model
 
 pytestmark = pytest.mark.slow
@@ -119,15 +120,27 @@ def test_requests_without_the_token_are_refused(torchserve: TorchServe) -> None:
             stub.Predictions(request, metadata=metadata, timeout=10)
         assert refused.value.code() == grpc.StatusCode.PERMISSION_DENIED
     with pytest.raises(urllib.error.HTTPError) as http:
-        urllib.request.urlopen(f"{torchserve.inference_url}/predictions/digits", data=b"x", timeout=10)
+        urllib.request.urlopen(f"{torchserve.endpoint.inference_url}/predictions/digits", data=b"x", timeout=10)
     assert http.value.code == 400 and b"Token Authorization failed" in http.value.read()  # TorchServe's choice
+
+
+async def renew(torchserve: TorchServe) -> Keys:
+    """TorchServe's keys renewed by a client of its own (as the front door's would), read back."""
+    client = TorchServeClient()
+    try:
+        await client.start(torchserve, 60)
+        await client.renew_keys()
+        assert client.keys is not None
+        return client.keys
+    finally:
+        await client.stop()
 
 
 def test_renewed_keys_replace_the_old_ones(torchserve: TorchServe) -> None:
     stub, old_metadata = predictions_stub(torchserve)
-    old = torchserve.read_keys()
-    assert old.expires > datetime.now(UTC)
-    new = torchserve.renew_keys()
+    old = Keys.read(torchserve.endpoint.key_file)
+    assert old.expires > time.time()
+    new = asyncio.run(renew(torchserve))
     assert new.inference != old.inference and new.expires >= old.expires
     payload = codec.encode({"input": digits()[0][:1]})
     request = torchserve_pb2.PredictionsRequest(model_name="digits", input={"data": payload})
@@ -138,8 +151,9 @@ def test_renewed_keys_replace_the_old_ones(torchserve: TorchServe) -> None:
 
 
 def test_model_api_is_off(torchserve: TorchServe, store: Path) -> None:
-    keys = torchserve.read_keys()
-    register = urllib.request.Request(f"{torchserve.management_url}/models?url=digits-1.0.mar&model_name=other",
+    keys = Keys.read(torchserve.endpoint.key_file)
+    register = urllib.request.Request(f"{torchserve.endpoint.management_url}/models?url=digits-1.0.mar"
+                                      "&model_name=other",
                                       method="POST", headers={"Authorization": f"Bearer {keys.management}"})
     with pytest.raises(urllib.error.HTTPError) as refused:
         urllib.request.urlopen(register, timeout=10)
@@ -149,9 +163,10 @@ def test_model_api_is_off(torchserve: TorchServe, store: Path) -> None:
 
 def test_rest_body_carries_the_same_bytes(torchserve: TorchServe, store: Path) -> None:
     x = digits()[0][:4]
-    request = urllib.request.Request(f"{torchserve.inference_url}/predictions/digits",
+    key = Keys.read(torchserve.endpoint.key_file).inference
+    request = urllib.request.Request(f"{torchserve.endpoint.inference_url}/predictions/digits",
                                      data=codec.encode({"input": x}), method="POST",
-                                     headers={"Authorization": f"Bearer {torchserve.read_keys().inference}",
+                                     headers={"Authorization": f"Bearer {key}",
                                               "Content-Type": "application/octet-stream"})
     with urllib.request.urlopen(request, timeout=30) as response:
         reply = codec.decode(response.read())
@@ -164,23 +179,23 @@ def test_the_backend_follows_keys_renewed_behind_its_back(torchserve: TorchServe
     """TorchServe drops a key the moment it issues the next one, before it has rewritten its key file: the
     front door's backend, holding the old keys, must stay ready and keep answering (a readiness poll refused
     once made a whole replica unready for a poll interval, and thousands of requests UNAVAILABLE)."""
-    info = model_info(read_manifest(store / "digits.mar"))
+    served = {"digits": ServedModel(Manifest.from_archive(store / "digits.mar"), store / "digits.mar")}
     x = digits()[0][:3]
 
     async def scenario() -> list[bool]:
-        backend = Backend(ServeConfig(ready_poll_s=3600), {"digits": info})
-        await backend.connect(Endpoint(torchserve.grpc_inference_target, torchserve.management_url,
-                                       torchserve.config.workdir / "key_file.json"))
+        client = TorchServeClient(TorchServeSection(ready_poll_s=3600))
+        backend = Backend(ServeConfig(), served, client)
+        await client.start(torchserve, 60)
         readiness = [backend.ready()]
         try:
             for _ in range(3):
-                await asyncio.to_thread(torchserve.renew_keys)  # what the backend's own renewal races with
-                await backend.poll_ready()
+                await renew(torchserve)  # what the backend's own renewal races with
+                await client.poll_ready()
                 readiness.append(backend.ready())
                 _, outputs = await backend.infer("digits", "", {"input": x}, timeout=10)
                 assert outputs["logits"].shape == (3, 10)
         finally:
-            await backend.close()
+            await client.stop()
         return readiness
 
     assert asyncio.run(scenario()) == [True] * 4
@@ -202,7 +217,7 @@ def test_a_model_that_cannot_load_fails_the_start_fast_with_the_workers_words(st
     try:
         torchserve.start()
         with pytest.raises(TorchServeError, match="failed to load 3 times") as failed:
-            torchserve.wait_ready(120)
+            asyncio.run(wait_until_ready(torchserve, 120))
     finally:
         torchserve.stop()
     assert time.monotonic() - started < 60

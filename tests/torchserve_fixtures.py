@@ -18,8 +18,10 @@ import grpc
 import pytest
 from run_fixtures import make_run
 
+from bench import stacks
 from server.generated import torchserve_pb2_grpc
-from server.torchserve import TorchServe, TorchServeConfig
+from server.torchserve.client import Keys
+from server.torchserve.process import TorchServe
 from training.package import PackageConfig, package
 
 _STORES: dict[Path, Path] = {}
@@ -40,18 +42,13 @@ def packaged_store(tmp_path_factory: pytest.TempPathFactory, config: PackageConf
 @contextmanager
 def running_torchserve(model_store: Path, workdir: Path, models: tuple[str, ...] = ("digits.mar",),
                        timeout: float = 120.0) -> Iterator[TorchServe]:
-    torchserve = TorchServe(TorchServeConfig(model_store=model_store, workdir=workdir, models=models))
-    try:
-        torchserve.start()
-        torchserve.wait_ready(timeout)
+    with stacks.running_torchserve(model_store, workdir, models, timeout) as (torchserve, _):
         yield torchserve
-    finally:
-        torchserve.stop()
 
 
 def predictions_stub(torchserve: TorchServe) -> tuple[torchserve_pb2_grpc.InferenceAPIsServiceStub,
                                                         list[tuple[str, str]]]:
     """A stub on TorchServe's gRPC inference port and the metadata that authorizes calls."""
-    channel = grpc.insecure_channel(torchserve.grpc_inference_target)
-    metadata = [("authorization", f"Bearer {torchserve.read_keys().inference}")]
+    channel = grpc.insecure_channel(torchserve.endpoint.grpc_target)
+    metadata = [("authorization", f"Bearer {Keys.read(torchserve.endpoint.key_file).inference}")]
     return torchserve_pb2_grpc.InferenceAPIsServiceStub(channel), metadata

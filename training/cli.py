@@ -7,15 +7,17 @@ under torchrun: `torchrun --standalone --nproc_per_node=2 -m training.cli --conf
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import os
-import socket
 import sys
 from typing import Any
 
 import torch.multiprocessing as mp
 
-from gradserve.config import build, load_file
+from gradserve import config as gradserve_config
+from gradserve.errors import UsageError
+from gradserve.net import free_port
 from training import distributed
 from training.config import TrainConfig
 from training.distributed import Dist
@@ -43,31 +45,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "then compare them (runs_dir/<name>-comparison/)")
 
 
+FLAGS = ("name", "runs_dir", "epochs", "batch_size", "lr", "seed", "eval_every", "device", "threads", "sync_bn",
+         "progress")
+
+
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
-    section: dict[str, Any] = dict(load_file(args.config).get("train") or {})
-    if args.norm:
-        section["model"] = {**(section.get("model") or {}), "norm": args.norm}
+    overrides: dict[str, Any] = {name: getattr(args, name) for name in FLAGS}
+    overrides["model.norm"] = args.norm
     if getattr(args, "method", None):
-        if not section.get("multitask"):
-            raise SystemExit(f"{args.config}: --method needs a multitask: section in train:")
-        section["multitask"] = {**section["multitask"], "method": args.method}
-    names = (
-        "name",
-        "runs_dir",
-        "epochs",
-        "batch_size",
-        "lr",
-        "seed",
-        "eval_every",
-        "device",
-        "threads",
-        "sync_bn",
-        "progress",
-    )
-    try:
-        return build(TrainConfig, section, {n: getattr(args, n) for n in names})
-    except (TypeError, ValueError) as e:
-        raise SystemExit(f"{args.config}: {e}") from e
+        if not (gradserve_config.load_file(args.config).get("train") or {}).get("multitask"):
+            raise UsageError(f"{args.config}: --method needs a multitask: section in train:")
+        overrides["multitask.method"] = args.method
+    return gradserve_config.load(TrainConfig, args.config, "train", overrides)
 
 
 def run(cfg: TrainConfig, dist: Dist, resume: bool) -> None:
@@ -89,27 +78,21 @@ def spawned(rank: int, cfg: TrainConfig, world: int, port: int, resume: bool) ->
     run(cfg, distributed.from_env(), resume)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def main(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     cfg = config_from_args(args)
     dist = distributed.from_env()
     if getattr(args, "compare", False):
-        from training.multitask_compare import compare
+        from training.multitask.compare import compare
 
         compare(cfg)
         return 0
     if cfg.multitask is not None and (args.nproc > 1 or dist.enabled):
-        raise SystemExit("multitask training runs in one process; drop --nproc / torchrun")
+        raise UsageError("multitask training runs in one process; drop --nproc / torchrun")
     if args.nproc > 1 and not dist.enabled:
         # Share the cores between processes unless told otherwise (torchrun does the same with OMP_NUM_THREADS=1).
         threads = cfg.threads or max(1, (os.cpu_count() or 1) // args.nproc)
-        cfg = build(TrainConfig, cfg.to_dict(), {"threads": threads})
+        cfg = dataclasses.replace(cfg, threads=threads)
         mp.spawn(spawned, args=(cfg, args.nproc, free_port(), args.resume), nprocs=args.nproc, join=True)
         return 0
     run(cfg, dist, args.resume)

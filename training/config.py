@@ -6,6 +6,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
+from gradserve.config import path_field
 from training.model import NORMS
 from training.selection import STRATEGIES, SelectionRule
 
@@ -63,7 +64,7 @@ class MultitaskSection:
 @dataclass(frozen=True)
 class TrainConfig:
     name: str = "digits"  # runs/<name>/
-    runs_dir: str = "runs"
+    runs_dir: str = path_field("runs")  # relative in the config file: to the file's folder
     dataset: str = "digits"
     seed: int = 0
     val_fraction: float = 0.15

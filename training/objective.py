@@ -1,11 +1,13 @@
 """What the training loop minimises, and what that adds to the run: `Objective` is the single-task one
-(cross-entropy of the class head); training/multitask.py's `MultitaskObjective` balances one loss per head.
+(cross-entropy of the class head); training/multitask/objective.py's `MultitaskObjective` balances one loss per
+head. `train(cfg, objective=...)` takes either; without one it uses the config's (training/train.py, objective_for).
 
 The loop (training/train.py) owns everything else, whatever the objective: data, devices, DDP, AMP, the
 global gradient norm, clipping, skipped steps, the schedule, evaluation bookkeeping, checkpoints, resume,
-early stopping and selection. It calls, in this order: `extra_heads` (building the model), `start`,
-`evaluate` (the baseline), then per iteration `backward` -> (optimizer step) `stepped` -> `iteration_fields`,
-per evaluation `evaluate` -> `checkpoint_fields`, and `finish` at the end.
+early stopping and selection. It calls, in this order: `extra_heads` (building the model), `start`, `describe`,
+then `evaluate` (the baseline) or, resuming, `load_state_dict`; per iteration `backward` -> `stepped` (when the
+optimizer stepped) -> `iteration_fields`; per evaluation `evaluate`, then `data_fields`, `checkpoint_fields` and
+`state_dict` for the checkpoint (training/checkpoint.py); and `finish` at the end.
 """
 
 from __future__ import annotations
@@ -18,7 +20,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from training.config import TrainConfig
 from training.data import Split, Splits
 from training.evaluate import evaluate
 
@@ -94,11 +95,3 @@ class Objective:
         return (f"selected checkpoint {selected['checkpoint']}: test accuracy {selected['test_accuracy']:.4f} "
                 f"(best of all checkpoints {summary['best_test_accuracy']:.4f}); {summary['diagnosis']['verdict']}")
 
-
-def objective_for(cfg: TrainConfig) -> Objective:
-    """The objective of a training config: a multitask section picks GradNorm/equal, else cross-entropy."""
-    if cfg.multitask is None:
-        return Objective()
-    from training.multitask import MultitaskObjective  # it builds on this module
-
-    return MultitaskObjective(cfg.multitask)

@@ -1,8 +1,8 @@
 """`gradserve package --run runs/<name>`: the selected checkpoint -> model_store/<name>.mar.
 
 The archive (built by torch-model-archiver) holds the handler, the packages it imports (handlers/codec.py,
-training/model.py with an empty training/__init__.py), the weights of the selected checkpoint only,
-model-config.yaml and the gradserve.json manifest (ARCHITECTURE.md, "Archive").
+handlers/manifest.py, training/model.py with an empty training/__init__.py), the weights of the selected
+checkpoint only, model-config.yaml and the gradserve.json manifest (ARCHITECTURE.md, "Archive").
 
 Versions: every build writes `<name>-<version>.mar`, which is never overwritten (unless --force), and
 copies it to `<name>.mar`, the latest build. Both carry model name <name> and their version in
@@ -26,13 +26,15 @@ import yaml
 
 import handlers.codec
 import training.model
-from gradserve.config import build, load_file
+from gradserve import config as gradserve_config
+from gradserve.errors import UsageError
+from handlers.manifest import Manifest, TensorSpec
 
 
 @dataclass(frozen=True)
 class PackageConfig:
     version: str = "1.0"
-    model_store: str = "model_store"
+    model_store: str = gradserve_config.path_field("model_store")
     batch_size: int = 32            # TorchServe batchSize: requests handed to one handle() call
     max_batch_delay_ms: int = 5     # TorchServe maxBatchDelay
     min_workers: int = 1
@@ -47,7 +49,7 @@ class PackageConfig:
         object.__setattr__(self, "version", str(self.version))
 
 
-class PackageRefused(Exception):
+class PackageRefused(UsageError):
     """The run cannot be packaged as asked; the message says why and what to do."""
 
 
@@ -78,7 +80,7 @@ def package(run: Path, config: PackageConfig, allow_fallback: bool = False, forc
         weights = stage / "weights.pt"
         torch.save(checkpoint["state_dict"], weights)
         manifest = _manifest(name, config, chosen, checkpoint, _sha256(weights), allow_fallback)
-        (extra / "gradserve.json").write_text(json.dumps(manifest, indent=2))
+        manifest.write(extra / "gradserve.json")
         model_config = stage / "model-config.yaml"
         model_config.write_text(yaml.safe_dump({
             "minWorkers": config.min_workers, "maxWorkers": config.max_workers, "batchSize": config.batch_size,
@@ -98,8 +100,8 @@ def _stage_packages(extra: Path) -> None:
     (extra / "handlers").mkdir(parents=True)
     (extra / "training").mkdir()
     source = Path(handlers.codec.__file__).parent
-    shutil.copyfile(source / "__init__.py", extra / "handlers" / "__init__.py")
-    shutil.copyfile(source / "codec.py", extra / "handlers" / "codec.py")
+    for name in ("__init__.py", "codec.py", "manifest.py"):
+        shutil.copyfile(source / name, extra / "handlers" / name)
     shutil.copyfile(training.model.__file__, extra / "training" / "model.py")
     (extra / "training" / "__init__.py").write_text("")  # not the repo's: the archive carries the model only
 
@@ -118,32 +120,28 @@ def _archive(name: str, version: str, stage: Path, weights: Path, model_config: 
 
 
 def _manifest(name: str, config: PackageConfig, chosen: dict[str, Any], checkpoint: dict[str, Any],
-              sha256: str, allow_fallback: bool) -> dict[str, Any]:
+              sha256: str, allow_fallback: bool) -> Manifest:
     model_config = training.model.ModelConfig.from_dict(checkpoint["model_config"])
     k = model_config.num_classes
     data = checkpoint.get("data", {})
     selection = chosen["selection"]
-    return {
-        "format_version": 1, "name": name, "version": config.version, "platform": "pytorch_torchserve",
-        "inputs": [{"name": "input", "datatype": "FP32",
-                    "shape": [-1, model_config.in_channels, model_config.height, model_config.width]}],
-        "outputs": [{"name": "logits", "datatype": "FP32", "shape": [-1, k]},
-                    {"name": "label", "datatype": "INT64", "shape": [-1]},
-                    {"name": "probabilities", "datatype": "FP32", "shape": [-1, k]},
-                    # a multi-task model: one more output per extra head, its raw values
-                    *({"name": head, "datatype": "FP32", "shape": [-1, size]}
-                      for head, size in model_config.extra_heads.items())],
-        "labels": data.get("labels", [str(i) for i in range(k)]),
-        "max_rows": config.max_rows,
-        "input_scale": "pixel intensities scaled to [0, 1]",
-        "selection": {**selection, "record": chosen["records"][selection["index"]]},
-        "rule": chosen["rule"], "baseline_loss": chosen["baseline_loss"],
-        "rule_satisfied": bool(selection["rule_satisfied"]), "allow_fallback": allow_fallback,
-        "weights": {"file": "weights.pt", "sha256": sha256},
-        "model_config": model_config.to_dict(), "training_config": checkpoint.get("config", {}),
-        "source": {"checkpoint": chosen["checkpoints"][selection["index"]], "step": checkpoint.get("step")},
-        **({"tasks": data["tasks"]} if "tasks" in data else {}),  # multi-task: what each output predicts
-    }
+    return Manifest(
+        name=name, version=config.version,
+        inputs=(TensorSpec("input", "FP32", (-1, model_config.in_channels, model_config.height, model_config.width)),),
+        outputs=(TensorSpec("logits", "FP32", (-1, k)), TensorSpec("label", "INT64", (-1,)),
+                 TensorSpec("probabilities", "FP32", (-1, k)),
+                 # a multi-task model: one more output per extra head, its raw values
+                 *(TensorSpec(head, "FP32", (-1, size)) for head, size in model_config.extra_heads.items())),
+        labels=tuple(data.get("labels", [str(i) for i in range(k)])), max_rows=config.max_rows,
+        input_scale="pixel intensities scaled to [0, 1]",
+        selection={**selection, "record": chosen["records"][selection["index"]]},
+        rule=chosen["rule"], baseline_loss=chosen["baseline_loss"],
+        rule_satisfied=bool(selection["rule_satisfied"]), allow_fallback=allow_fallback,
+        weights_file="weights.pt", weights_sha256=sha256,
+        model_config=model_config.to_dict(), training_config=checkpoint.get("config", {}),
+        source={"checkpoint": chosen["checkpoints"][selection["index"]], "step": checkpoint.get("step")},
+        tasks=tuple(data.get("tasks", ())),  # multi-task: what each output predicts
+    )
 
 
 def _sha256(path: Path) -> str:
@@ -161,13 +159,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    path = args.config or (Path("gradserve.yaml") if Path("gradserve.yaml").exists() else None)
-    config = build(PackageConfig, load_file(path).get("package"),
-                   {"version": args.version, "model_store": args.model_store})
-    try:
-        archive = package(args.run, config, allow_fallback=args.allow_fallback, force=args.force)
-    except PackageRefused as e:
-        print(f"gradserve package: {e}")
-        return 2
+    config = gradserve_config.load(PackageConfig, gradserve_config.default_path(args.config), "package",
+                                   {"version": args.version, "model_store": args.model_store})
+    archive = package(args.run, config, allow_fallback=args.allow_fallback, force=args.force)
     print(f"wrote {archive} and {archive.with_name(f'{archive.stem}-{config.version}.mar')}")
     return 0

@@ -11,6 +11,7 @@ import dataclasses
 import json
 from pathlib import Path
 
+from gradserve.errors import UsageError
 from training.selection import STRATEGIES
 
 
@@ -31,7 +32,7 @@ def main(args: argparse.Namespace) -> int:
     try:
         selection = write_selection(args.run, doc["records"], doc["checkpoints"], doc["baseline_loss"], rule)
     except ValueError as e:
-        raise SystemExit(f"gradserve select: {e}") from e
+        raise UsageError(str(e)) from e
     refresh_outputs(args.run, selection.index)
     print(json.dumps({"selection": dataclasses.asdict(selection), "rule": dataclasses.asdict(rule)}, indent=2))
     return 0
@@ -45,9 +46,9 @@ def refresh_outputs(run_dir: Path, chosen: int) -> None:
     from training import checkpoint
     from training.config import TrainConfig
     from training.data import load_splits
-    from training.objective import objective_for
     from training.report import write_report
     from training.summary import read_selection, summarize
+    from training.train import objective_for
 
     cfg = TrainConfig.from_dict(checkpoint.load(checkpoint.last_path(run_dir))["config"])
     objective = objective_for(cfg)

@@ -13,6 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from gradserve.errors import UsageError
 from training import checkpoint
 from training.data import Splits
 from training.evaluate import evaluate
@@ -48,7 +49,7 @@ def write_selection(
 def read_selection(run_dir: Path) -> dict[str, Any]:
     path = run_dir / "selection.json"
     if not path.exists():
-        raise SystemExit(f"{path} does not exist: is {run_dir} a finished training run?")
+        raise UsageError(f"{path} does not exist: is {run_dir} a finished training run?")
     doc = json.loads(path.read_text())
     doc["records"] = [Record(**r) for r in doc["records"]]
     doc["rule"] = SelectionRule(**doc["rule"])

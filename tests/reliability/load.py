@@ -17,7 +17,7 @@ import grpc
 import numpy as np
 import psutil
 
-from server.client import decode, request
+from client.grpc_client import decode, request
 from server.generated import grpc_service_pb2_grpc as pb_grpc
 
 HANG_SLACK_S = 5.0  # an answer this long after its deadline counts as a hang

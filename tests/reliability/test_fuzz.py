@@ -18,8 +18,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from schemathesis import GenerationMode
 
+from client.grpc_client import decode, request
 from handlers import codec
-from server.client import decode, request
 from server.generated import grpc_service_pb2 as pb
 from server.generated import grpc_service_pb2_grpc as pb_grpc
 from server.grpc_servicer import CONTENTS_FIELD

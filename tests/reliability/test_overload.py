@@ -15,7 +15,7 @@ import pytest
 import torch
 from frontdoor_fixtures import TOKEN, FrontDoor, digits
 
-from server.client import decode, request
+from client.grpc_client import decode, request
 from server.generated import grpc_service_pb2_grpc as pb_grpc
 
 from .conftest import MAX_IN_FLIGHT, SLOW_SLEEP_S, scaled

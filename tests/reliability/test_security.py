@@ -11,16 +11,13 @@ from __future__ import annotations
 import ast
 import ipaddress
 import json
-import os
 import shutil
 import signal
 import ssl
 import subprocess
 import time
-import zipfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import grpc
@@ -28,8 +25,9 @@ import httpx
 import psutil
 import pytest
 import torch
-from frontdoor_fixtures import GRADSERVE, TOKEN, FrontDoor, built_store, free_port
+from frontdoor_fixtures import TOKEN, FrontDoor, built_store
 
+from bench.stacks import start_front_door
 from server.generated import grpc_service_pb2 as pb
 from server.generated import grpc_service_pb2_grpc as pb_grpc
 
@@ -125,10 +123,9 @@ def test_packaging_refuses_a_planted_checkpoint(planted_run: tuple[Path, Path], 
 def test_the_handler_refuses_planted_weights(tmp_path_factory: pytest.TempPathFactory, tmp_path: Path) -> None:
     """An attacker who rewrites the whole archive (weights and the manifest's sha256) still runs no code."""
     from handlers.handler import DigitsHandler
+    from handlers.local import context, unpack
 
-    model_dir = tmp_path / "model"
-    with zipfile.ZipFile(built_store(tmp_path_factory).path / "digits.mar") as z:
-        z.extractall(model_dir)
+    model_dir = unpack(built_store(tmp_path_factory).path / "digits.mar", tmp_path / "model")
     marker = tmp_path / "pwned"
     weights = torch.load(model_dir / "weights.pt", weights_only=True)
     torch.save({**weights, "planted": Planted(marker)}, model_dir / "weights.pt")
@@ -137,10 +134,8 @@ def test_the_handler_refuses_planted_weights(tmp_path_factory: pytest.TempPathFa
 
     manifest["weights"]["sha256"] = hashlib.sha256((model_dir / "weights.pt").read_bytes()).hexdigest()
     (model_dir / "gradserve.json").write_text(json.dumps(manifest))
-    context = SimpleNamespace(system_properties={"model_dir": str(model_dir), "gpu_id": None, "batch_size": 1},
-                              model_yaml_config={"maxWorkers": 1}, manifest={}, metrics=None)
     with pytest.raises(Exception, match="Weights only load failed"):
-        DigitsHandler().initialize(context)
+        DigitsHandler().initialize(context(model_dir))
     assert not marker.exists()
 
 
@@ -194,20 +189,12 @@ def tls_door(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[FrontDo
     store.mkdir()
     archive_variant(built_store(tmp_path_factory).path / "digits.mar", store, "digits", alter_weights=True)
     cert, key = self_signed(workdir)
-    grpc_port, http_port = free_port(), free_port()
-    log_path = workdir / "frontdoor.log"
-    with open(log_path, "ab") as log:
-        process = subprocess.Popen(
-            [str(GRADSERVE), "serve", "--config", os.devnull, "--grpc-port", str(grpc_port), "--http-port",
-             str(http_port), "--model-store", str(store), "--torchserve-workdir", str(workdir / "torchserve"),
-             "--tls-cert", str(cert), "--tls-key", str(key)],
-            cwd=workdir, env={**os.environ, "GRADSERVE_TOKEN": TOKEN}, stdin=subprocess.DEVNULL, stdout=log,
-            stderr=subprocess.STDOUT, start_new_session=True)
-    door = FrontDoor(process, f"127.0.0.1:{grpc_port}", f"https://127.0.0.1:{http_port}", workdir, log_path, TOKEN)
+    door = start_front_door(store, workdir, TOKEN, "--tls-cert", str(cert), "--tls-key", str(key))
+    door.http_url = door.http_url.replace("http://", "https://")
     try:
         deadline = time.monotonic() + 60
         while True:
-            assert process.poll() is None and time.monotonic() < deadline, door.log_tail()
+            assert door.process.poll() is None and time.monotonic() < deadline, door.log_tail()
             try:
                 if httpx.get(f"{door.http_url}/v2/health/live", verify=ssl.create_default_context(cafile=cert),
                              timeout=2).status_code == 200:

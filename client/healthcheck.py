@@ -1,6 +1,6 @@
 """The image's HEALTHCHECK: ask the front door's gRPC health service (grpc.health.v1) whether it serves.
 
-    python -m server.healthcheck [HOST:PORT] [--service NAME] [--timeout SECONDS]
+    python -m client.healthcheck [HOST:PORT] [--service NAME] [--timeout SECONDS]
 
 Exits 0 when the status is SERVING and 1 otherwise (not serving, unreachable, deadline passed), which is what
 Docker and podman expect of a health check. Kubernetes asks the same service with its native `grpc:` probes.
@@ -24,7 +24,7 @@ def check(address: str, service: str = "", timeout: float = 3.0) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m server.healthcheck", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m client.healthcheck", description=__doc__.splitlines()[0])
     parser.add_argument("address", nargs="?", default="127.0.0.1:8001", help="front door gRPC host:port")
     parser.add_argument("--service", default="", help="health service name; empty: the whole server")
     parser.add_argument("--timeout", type=float, default=3.0, help="seconds to wait for the answer")

@@ -19,6 +19,8 @@ from typing import IO, Any
 
 import numpy as np
 
+from gradserve.errors import UsageError
+
 INPUT_SUFFIXES = (".npy", ".jsonl", ".csv")
 OUTPUT_SUFFIXES = (".npy", ".jsonl")
 
@@ -35,13 +37,13 @@ class Inputs:
 
 def check_suffix(path: Path, allowed: tuple[str, ...], what: str) -> None:
     if path.suffix not in allowed:
-        raise SystemExit(f"{what} {path} must end in one of {', '.join(allowed)}")
+        raise UsageError(f"{what} {path} must end in one of {', '.join(allowed)}")
 
 
 def read_inputs(path: Path, row_shape: tuple[int, ...]) -> Inputs:
     check_suffix(path, INPUT_SUFFIXES, "input file")
     if not path.exists():
-        raise SystemExit(f"input file {path} does not exist")
+        raise UsageError(f"input file {path} does not exist")
     if path.suffix == ".npy":
         return _read_npy(path, row_shape)
     records = _jsonl_records(path) if path.suffix == ".jsonl" else _csv_records(path)
@@ -52,7 +54,7 @@ def _read_npy(path: Path, row_shape: tuple[int, ...]) -> Inputs:
     array = np.load(path, mmap_mode="r", allow_pickle=False)
     if array.ndim < 1 or int(np.prod(array.shape[1:])) != int(np.prod(row_shape)):
         expected = ", ".join(map(str, row_shape))
-        raise SystemExit(f"{path} holds an array of shape {list(array.shape)}; expected [N, {expected}]")
+        raise UsageError(f"{path} holds an array of shape {list(array.shape)}; expected [N, {expected}]")
     rows = np.ascontiguousarray(array, dtype=np.float32).reshape((len(array), *row_shape))
     return Inputs([str(i) for i in range(len(rows))], rows)
 
@@ -76,7 +78,7 @@ def _csv_records(path: Path) -> Iterator[tuple[str, object]]:
         reader = csv.reader(f)
         header = next(reader, None)
         if not header or header[0] != "id":
-            raise SystemExit(f"{path}: the first column of the header must be 'id', then the pixels")
+            raise UsageError(f"{path}: the first column of the header must be 'id', then the pixels")
         for number, record in enumerate(reader):
             if record:
                 yield (record[0] or f"line-{number + 2}"), record[1:]

@@ -1,4 +1,4 @@
-"""server/ts_guard.py on plain commands: it passes the command's status on, and when its stdin (the launcher's
+"""server/torchserve/guard.py on plain commands: it passes the command's status on, and when its stdin (the launcher's
 pipe) closes it stops its whole process group, the command's children included."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import time
 
 import psutil
 
-GUARD = [sys.executable, "-m", "server.ts_guard"]
+GUARD = [sys.executable, "-m", "server.torchserve.guard"]
 
 
 def guarded(*command: str) -> int:

@@ -12,35 +12,50 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import json
-import os
 import shutil
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
 from tqdm import tqdm
 
-from server import batch_io
-from server.batch_transport import FATAL, RETRYABLE, GrpcTransport, LocalTransport, Rejected, Transport
+from client import batch_io
+from client.batch_transport import FATAL, RETRYABLE, GrpcTransport, LocalTransport, Rejected, Transport
+from gradserve import config as gradserve_config
+from gradserve.config import ENV_TOKEN, env_field, path_field
+from gradserve.errors import UsageError
 
 
 @dataclass(frozen=True)
 class BatchConfig:
-    input: Path
-    output: Path
+    """One job; the `batch:` section of gradserve.yaml sets the defaults, flags the rest."""
+
+    input: Path = path_field(dataclasses.MISSING)  # the file of rows
+    output: Path = path_field(dataclasses.MISSING)
     model: str = "digits"
     grpc: str = "127.0.0.1:8001"
-    token: str | None = None
-    local: Path | None = None  # a .mar to run in-process instead of the server
+    token: str | None = env_field(ENV_TOKEN)
+    local: Path | None = path_field()  # a .mar to run in-process instead of the server
     rows_per_request: int = 256
     concurrency: int = 4
     timeout_s: float = 30.0
     retry_for_s: float = 120.0  # how long UNAVAILABLE/DEADLINE_EXCEEDED are retried before rows fail
-    shard: tuple[int, int] = (0, 1)
+    shard: tuple[int, int] = (0, 1)  # (i, N): the i-th of N disjoint slices
     progress: bool = True
+
+    def __post_init__(self) -> None:
+        for name in ("input", "output", "local"):
+            if isinstance(getattr(self, name), str):
+                object.__setattr__(self, name, Path(getattr(self, name)))
+        if self.rows_per_request < 1 or self.concurrency < 1:
+            raise ValueError("rows_per_request and concurrency must be at least 1")
+        i, n = self.shard
+        if not 0 <= i < n:
+            raise ValueError(f"shard {i}/{n}: need 0 <= i < N")
 
 
 @dataclass
@@ -64,8 +79,10 @@ class Summary:
         return self.done / self.seconds if self.seconds > 0 else 0.0
 
 
-class JobFailed(SystemExit):
-    pass
+class JobFailed(UsageError):
+    """The job cannot go on; finished chunks are kept for a rerun to resume."""
+
+    exit_code = 1
 
 
 def shard_range(total: int, shard: tuple[int, int]) -> tuple[int, int]:
@@ -222,15 +239,15 @@ def merge(parts: list[Path], output: Path) -> int:
     """Join shard outputs (and their errors files) in input order; refuse gaps and overlaps."""
     metas = sorted(((json.loads(_shard_meta(p).read_text()), p) for p in parts), key=lambda mp: mp[0]["start"])
     if not metas:
-        raise SystemExit("give the shard outputs to merge")
+        raise UsageError("give the shard outputs to merge")
     expected_start = 0
     for meta, part in metas:
         if meta["start"] != expected_start:
-            raise SystemExit(f"{part} starts at row {meta['start']}, expected {expected_start}: a shard is "
+            raise UsageError(f"{part} starts at row {meta['start']}, expected {expected_start}: a shard is "
                              "missing or repeated; merge every shard of the job once")
         expected_start = meta["stop"]
     if len(metas) != metas[0][0]["of"]:
-        raise SystemExit(f"got {len(metas)} shards of {metas[0][0]['of']}; merge every shard of the job")
+        raise UsageError(f"got {len(metas)} shards of {metas[0][0]['of']}; merge every shard of the job")
     batch_io.check_suffix(output, batch_io.OUTPUT_SUFFIXES, "output file")
     with batch_io.atomic_open(output, "wb") as f:
         if output.suffix == ".npy":
@@ -246,28 +263,28 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("action", nargs="?", choices=["run", "merge"], default="run",
                         help="run a job (default) or merge shard outputs")
     parser.add_argument("parts", nargs="*", type=Path, help="merge: the shard outputs, in any order")
+    parser.add_argument("--config", default=None, help="gradserve.yaml (default: ./gradserve.yaml if present); "
+                        "its batch: section sets the defaults")
     parser.add_argument("--input", type=Path, help=".npy, .jsonl or .csv")
     parser.add_argument("--output", type=Path, required=True, help=".jsonl (id, label, logits) or .npy (logits)")
-    parser.add_argument("--model", default="digits")
-    parser.add_argument("--grpc", default="127.0.0.1:8001", help="the front door's gRPC address")
-    parser.add_argument("--token", default=os.environ.get("GRADSERVE_TOKEN"),
-                        help="bearer token, if the front door wants one (default: $GRADSERVE_TOKEN)")
+    parser.add_argument("--model", help="the served model (default digits)")
+    parser.add_argument("--grpc", help="the front door's gRPC address (default 127.0.0.1:8001)")
+    parser.add_argument("--token", help="bearer token, if the front door wants one (default: $GRADSERVE_TOKEN)")
     parser.add_argument("--local", type=Path, default=None, help="run this .mar in-process, no server")
-    parser.add_argument("--rows-per-request", type=int, default=256)
-    parser.add_argument("--concurrency", type=int, default=4)
-    parser.add_argument("--timeout", type=float, default=30.0, help="deadline of each request, seconds")
-    parser.add_argument("--retry-for", type=float, default=120.0, help="seconds to keep retrying UNAVAILABLE")
-    parser.add_argument("--shard", default="0/1", help="i/N: process the i-th of N disjoint slices")
-    parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument("--rows-per-request", dest="rows_per_request", type=int, help="default 256")
+    parser.add_argument("--concurrency", type=int, help="requests in flight (default 4)")
+    parser.add_argument("--timeout", dest="timeout_s", type=float, help="deadline of each request, s (default 30)")
+    parser.add_argument("--retry-for", dest="retry_for_s", type=float,
+                        help="seconds to keep retrying UNAVAILABLE (default 120)")
+    parser.add_argument("--shard", type=_parse_shard, help="i/N: process the i-th of N disjoint slices")
+    parser.add_argument("--no-progress", dest="progress", action="store_false", default=None)
 
 
 def _parse_shard(text: str) -> tuple[int, int]:
     try:
         i, n = (int(v) for v in text.split("/"))
     except ValueError:
-        raise SystemExit(f"--shard takes i/N, e.g. 0/2; got {text!r}") from None
-    if not 0 <= i < n:
-        raise SystemExit(f"--shard {text}: need 0 <= i < N")
+        raise argparse.ArgumentTypeError(f"takes i/N, e.g. 0/2; got {text!r}") from None
     return i, n
 
 
@@ -275,14 +292,14 @@ def main(args: argparse.Namespace) -> int:
     if args.action == "merge":
         return merge(args.parts, args.output)
     if args.input is None:
-        raise SystemExit("--input is required: the .npy, .jsonl or .csv file of rows to predict")
-    if args.rows_per_request < 1 or args.concurrency < 1:
-        raise SystemExit("--rows-per-request and --concurrency must be at least 1")
-    batch_io.check_suffix(args.output, batch_io.OUTPUT_SUFFIXES, "output file")
-    config = BatchConfig(input=args.input, output=args.output, model=args.model, grpc=args.grpc, token=args.token,
-                         local=args.local, rows_per_request=args.rows_per_request, concurrency=args.concurrency,
-                         timeout_s=args.timeout, retry_for_s=args.retry_for, shard=_parse_shard(args.shard),
-                         progress=not args.no_progress and sys.stderr.isatty())
+        raise UsageError("--input is required: the .npy, .jsonl or .csv file of rows to predict")
+    names = ("input", "output", "model", "grpc", "token", "local", "rows_per_request", "concurrency", "timeout_s",
+             "retry_for_s", "shard", "progress")
+    config = gradserve_config.load(BatchConfig, gradserve_config.default_path(args.config), "batch",
+                                   {name: getattr(args, name) for name in names})
+    if not sys.stderr.isatty():
+        config = replace(config, progress=False)
+    batch_io.check_suffix(config.output, batch_io.OUTPUT_SUFFIXES, "output file")
     summary = asyncio.run(_main(config))
     print(json.dumps({**asdict(summary), "rows_per_s": round(summary.rows_per_s, 1)}))
     if summary.failed:

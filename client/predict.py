@@ -9,8 +9,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -18,28 +18,43 @@ import grpc
 import httpx
 import numpy as np
 
-from server.client import Client
+from client.grpc_client import Client
+from gradserve import config as gradserve_config
+from gradserve.config import ENV_TOKEN, env_field
+from gradserve.errors import UsageError
+
+
+@dataclass(frozen=True)
+class PredictConfig:
+    """Where and how `gradserve predict` asks; the `predict:` section of gradserve.yaml sets the defaults."""
+
+    model: str = "digits"
+    grpc: str = "127.0.0.1:8001"  # used unless `http` is set
+    http: str | None = None  # the front door's base URL, e.g. http://127.0.0.1:8000
+    token: str | None = env_field(ENV_TOKEN)
+    timeout_s: float = 30.0
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--input", required=True, type=Path, help=".npy or .json file of input rows")
-    parser.add_argument("--model", default="digits")
+    parser.add_argument("--config", default=None, help="gradserve.yaml (default: ./gradserve.yaml if present)")
+    parser.add_argument("--model", default=None, help="the served model (default digits)")
     where = parser.add_mutually_exclusive_group()
     where.add_argument("--grpc", default=None, help="front door gRPC address (default 127.0.0.1:8001)")
     where.add_argument("--http", default=None, help="front door base URL, e.g. http://127.0.0.1:8000")
     parser.add_argument("--token", default=None, help="bearer token (default: $GRADSERVE_TOKEN)")
-    parser.add_argument("--timeout", type=float, default=30.0, help="deadline in seconds")
+    parser.add_argument("--timeout", dest="timeout_s", type=float, default=None, help="deadline in seconds")
 
 
 def main(args: argparse.Namespace) -> int:
+    overrides = {name: getattr(args, name) for name in ("model", "grpc", "http", "token", "timeout_s")}
+    config = gradserve_config.load(PredictConfig, gradserve_config.default_path(args.config), "predict", overrides)
     x = load_input(args.input)
-    token = args.token or os.environ.get("GRADSERVE_TOKEN")
     try:
-        if args.http:
-            rows, labels = predict_http(args.http, args.model, x, token, args.timeout)
+        if config.http and not args.grpc:
+            rows, labels = predict_http(config.http, config.model, x, config.token, config.timeout_s)
         else:
-            rows, labels = asyncio.run(predict_grpc(args.grpc or "127.0.0.1:8001", args.model, x, token,
-                                                    args.timeout))
+            rows, labels = asyncio.run(predict_grpc(config.grpc, config.model, x, config.token, config.timeout_s))
     except grpc.aio.AioRpcError as e:
         print(f"gradserve predict: {e.code().name}: {e.details()}", file=sys.stderr)
         return 1
@@ -57,14 +72,14 @@ def load_input(path: Path) -> np.ndarray:
         return np.load(path, allow_pickle=False)
     if path.suffix == ".json":
         return np.asarray(json.loads(path.read_text()), dtype=np.float32)
-    raise SystemExit(f"{path}: use an .npy or .json file")
+    raise UsageError(f"{path}: use an .npy or .json file")
 
 
 def shape_rows(x: np.ndarray, row_shape: tuple[int, ...]) -> np.ndarray:
     """x as float32 [n, *row_shape]."""
     size = int(np.prod(row_shape))
     if x.size % size:
-        raise SystemExit(f"the input has {x.size} values, not a multiple of one row {list(row_shape)} ({size})")
+        raise UsageError(f"the input has {x.size} values, not a multiple of one row {list(row_shape)} ({size})")
     return np.ascontiguousarray(x, dtype=np.float32).reshape(-1, *row_shape)
 
 

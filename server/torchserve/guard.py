@@ -1,9 +1,9 @@
 """Runs TorchServe for its launcher and takes it down when the launcher goes, however the launcher ends.
 
-    python -m server.ts_guard <command> [args...]
+    python -m server.torchserve.guard <command> [args...]
 
-The launcher (server/torchserve.py) starts this guard in a new process group with a pipe as its stdin, and
-the guard runs the command (`torchserve --foreground ...`) in that group: TorchServe's JVM and its model
+The launcher (server/torchserve/process.py) starts this guard in a new process group with a pipe as its
+stdin, and the guard runs the command (`torchserve --foreground ...`) in that group: TorchServe's JVM and its model
 workers end up there too. The launcher's end of the pipe closes when the launcher exits, SIGKILL included,
 which no handler in the launcher could clean up after; the guard then stops the group (SIGTERM, SIGKILL
 after a grace) instead of leaving TorchServe running on its ports. A launcher that stops TorchServe itself
@@ -36,7 +36,7 @@ def _stop_group_when_stdin_closes(child: subprocess.Popen[bytes]) -> None:
 
 def main(argv: list[str]) -> int:
     if not argv:
-        print("usage: python -m server.ts_guard <command> [args...]", file=sys.stderr)
+        print("usage: python -m server.torchserve.guard <command> [args...]", file=sys.stderr)
         return 2
     if os.getpgrp() != os.getpid():
         os.setpgid(0, 0)  # a group of its own, so that stopping "the group" never reaches whoever started it

@@ -1,14 +1,15 @@
-"""Start, watch and stop one TorchServe (Java) process on loopback, with token auth on and the model API off.
+"""Start and stop one TorchServe (Java) process on loopback, with token auth on and the model API off.
 
-    with TorchServe(TorchServeConfig(model_store="model_store", workdir="logs/torchserve",
-                                     models=("digits.mar",))) as ts:
-        ts.wait_ready(120)
-        channel = grpc.insecure_channel(ts.grpc_inference_target)
-        metadata = [("authorization", f"Bearer {ts.read_keys().inference}")]
+    torchserve = TorchServe(TorchServeConfig(model_store="model_store", workdir="logs/torchserve",
+                                             models=("digits.mar",))).start()
+    await wait_until_ready(torchserve)        # server/torchserve/client.py: everything that talks to it
+    ...
+    torchserve.stop()
 
 Each instance lives in its own workdir: config.properties, key_file.json (TorchServe writes it in its cwd),
 torchserve.log, logs/, and tmp/ (TorchServe's pid file and worker sockets go to the temp dir, so several
-instances can run side by side). Ports left at 0 are picked free on 127.0.0.1 before the start.
+instances can run side by side). Ports left at 0 are picked free on 127.0.0.1 before the start. This file
+only starts, watches and stops the process; it never talks to TorchServe.
 """
 
 from __future__ import annotations
@@ -19,23 +20,15 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
-import time
-import urllib.error
-import urllib.request
 import zipfile
 from dataclasses import dataclass, replace
-from datetime import datetime
 from pathlib import Path
 
-import grpc
-from google.protobuf import empty_pb2
+from gradserve.net import free_ports
 
-from server.generated import torchserve_pb2_grpc
-
-LOG_CONFIG = Path(__file__).with_name("torchserve-log4j2.xml")
+LOG_CONFIG = Path(__file__).with_name("log4j2.xml")
 
 
 @dataclass(frozen=True)
@@ -55,7 +48,6 @@ class TorchServeConfig:
     max_request_size: int = 64 * 1024 * 1024
     enable_metrics_api: bool = False
     log_config: Path | None = LOG_CONFIG  # None: TorchServe's own log4j2.xml (several lines per request)
-    max_load_failures: int = 3            # a model's worker failing to load this often at start: give up
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "model_store", Path(self.model_store).resolve())
@@ -64,10 +56,13 @@ class TorchServeConfig:
 
 
 @dataclass(frozen=True)
-class TorchServeKeys:
-    inference: str
-    management: str
-    expires: datetime  # the earlier expiry of the two; renew_keys() before it passes
+class Endpoint:
+    """Where a started TorchServe listens, and the key file it writes."""
+
+    grpc_target: str  # "127.0.0.1:<grpc inference port>"
+    management_url: str  # "http://127.0.0.1:<management port>"
+    inference_url: str  # "http://127.0.0.1:<inference port>"
+    key_file: Path
 
 
 class TorchServeError(RuntimeError):
@@ -91,19 +86,19 @@ class TorchServe:
         missing = [m for m in self.config.models if not (self.config.model_store / m).is_file()]
         if missing:
             raise TorchServeError(f"archives {missing} not in {self.config.model_store}: run gradserve package")
-        self.config = _withfree_ports(self.config)
+        self.config = _with_free_ports(self.config)
         workdir = self.config.workdir
         (workdir / "tmp").mkdir(parents=True, exist_ok=True)
-        (workdir / "key_file.json").unlink(missing_ok=True)
+        self.endpoint.key_file.unlink(missing_ok=True)
         self._log_starts = {p: p.stat().st_size if p.exists() else 0 for p in (self.ts_log_path, self.model_log_path)}
         properties = workdir / "config.properties"
         properties.write_text(self.properties())
         env = {**os.environ, "TEMP": str(workdir / "tmp"), "TMPDIR": str(workdir / "tmp"),
                "LOG_LOCATION": str(workdir / "logs"), "METRICS_LOCATION": str(workdir / "logs")}
         with open(self.log_path, "ab") as log:
-            # Through server/ts_guard.py: TorchServe goes down with this process even if it is SIGKILLed.
+            # Through server/torchserve/guard.py: TorchServe goes down with this process even if it is SIGKILLed.
             self.process = subprocess.Popen(
-                [sys.executable, "-m", "server.ts_guard",
+                [sys.executable, "-m", "server.torchserve.guard",
                  str(executable), "--start", "--foreground", "--ncs", "--ts-config", str(properties),
                  "--model-store", str(self.config.model_store),
                  *(["--log-config", str(self.config.log_config)] if self.config.log_config else [])],
@@ -139,23 +134,6 @@ class TorchServe:
             lines["number_of_netty_threads"] = c.netty_threads
         return "".join(f"{k}={v}\n" for k, v in lines.items())
 
-    def wait_ready(self, timeout: float = 120.0) -> None:
-        """Block until TorchServe answers gRPC Ping as Healthy and every loaded model has a READY worker."""
-        deadline = time.monotonic() + timeout
-        names = [archive_model_name(self.config.model_store / m) for m in self.config.models]
-        problem = "not started"
-        while time.monotonic() < deadline:
-            if not self.alive:
-                raise TorchServeError(f"TorchServe exited (code {self.returncode}); last lines of "
-                                      f"{self.log_path}:\n{self.log_tail()}")
-            problem = self._not_ready(names)
-            if problem is None:
-                return
-            self._check_loads(names)
-            time.sleep(0.25)
-        raise TorchServeError(f"TorchServe not ready after {timeout:.0f}s ({problem}); last lines of "
-                              f"{self.model_log_path}:\n{self.log_tail(15, self.model_log_path)}")
-
     def stop(self, grace: float = 10.0) -> None:
         """SIGTERM the process group, SIGKILL whatever is left after `grace` seconds; always."""
         if self.process is None:
@@ -189,16 +167,15 @@ class TorchServe:
         return self.process.poll() if self.process else None
 
     @property
-    def grpc_inference_target(self) -> str:
-        return f"{self.config.host}:{self.config.grpc_inference_port}"
+    def endpoint(self) -> Endpoint:
+        c = self.config
+        return Endpoint(f"{c.host}:{c.grpc_inference_port}", f"http://{c.host}:{c.management_port}",
+                        f"http://{c.host}:{c.inference_port}", c.workdir / "key_file.json")
 
     @property
-    def management_url(self) -> str:
-        return f"http://{self.config.host}:{self.config.management_port}"
-
-    @property
-    def inference_url(self) -> str:
-        return f"http://{self.config.host}:{self.config.inference_port}"
+    def model_names(self) -> list[str]:
+        """The names TorchServe registers the loaded archives under."""
+        return [archive_model_name(self.config.model_store / m) for m in self.config.models]
 
     @property
     def log_path(self) -> Path:
@@ -221,80 +198,13 @@ class TorchServe:
         text = path.read_text(errors="replace").splitlines()
         return "\n".join([line for line in text if "TS_METRICS" not in line][-lines:])
 
-    def read_keys(self) -> TorchServeKeys:
-        """The inference and management tokens TorchServe wrote into key_file.json in its workdir."""
-        keys = json.loads((self.config.workdir / "key_file.json").read_text())
-        expires = min(datetime.fromisoformat(keys[k]["expiration time"]) for k in ("inference", "management"))
-        return TorchServeKeys(inference=keys["inference"]["key"], management=keys["management"]["key"],
-                              expires=expires)
-
-    def renew_keys(self) -> TorchServeKeys:
-        """Have TorchServe issue fresh inference and management tokens (they expire after
-        token_expiration_min); TorchServe rewrites key_file.json, which is read back."""
-        api_key = json.loads((self.config.workdir / "key_file.json").read_text())["API"]["key"]
-        for kind in ("inference", "management"):
-            request = urllib.request.Request(f"{self.management_url}/token?type={kind}",
-                                             headers={"Authorization": f"Bearer {api_key}"})
-            with urllib.request.urlopen(request, timeout=10):
-                pass
-        return self.read_keys()
-
-    def load_failures(self, model_names: list[str]) -> dict[str, int]:
-        """How often each model's worker has died and been retried since this start (TorchServe logs
-        "Retry worker" from the worker's thread, named W-<port>-<model>_<version>)."""
-        retried = re.findall(r" W-\d+-(.+?)_[^ _]+ \S+ - Retry worker", self._since_start(self.ts_log_path))
-        return {name: retried.count(name) for name in model_names}
-
-    def load_error(self, model_name: str) -> str:
-        """The worker's last word on why `model_name` did not load, since this start ("" if it said none)."""
-        text = self._since_start(self.model_log_path)
-        said = re.findall(rf"Failed to load model {re.escape(model_name)}, exception (.*)", text)
-        said = said or re.findall(r"MODEL_LOG - ((?:\w+\.)*\w*(?:Error|Exception): .*)", text)
-        return said[-1].strip() if said else ""
-
-    def _since_start(self, path: Path) -> str:
+    def log_since_start(self, path: Path) -> str:
+        """What `path` (ts_log_path or model_log_path) gained since this start."""
         if not path.exists():
             return ""
         with open(path, "rb") as f:
             f.seek(self._log_starts.get(path, 0))
             return f.read().decode(errors="replace")
-
-    def _check_loads(self, model_names: list[str]) -> None:
-        """A model whose worker keeps dying while it loads (a broken archive, a handler that raises) will not
-        come up by waiting: say so now, with the worker's own words, instead of when the timeout runs out."""
-        for name, failures in self.load_failures(model_names).items():
-            if failures >= self.config.max_load_failures:
-                raise TorchServeError(
-                    f"model {name!r}: its worker failed to load {failures} times (TorchServe keeps retrying): "
-                    f"{self.load_error(name) or 'it gave no reason'}. Fix or remove its archive; the worker's log "
-                    f"is {self.model_log_path}")
-
-    def _not_ready(self, model_names: list[str]) -> str | None:
-        """None when ready, else what is still missing."""
-        try:
-            keys = self.read_keys()
-        except (OSError, ValueError, KeyError):
-            return "key_file.json not written yet"
-        try:
-            with grpc.insecure_channel(self.grpc_inference_target) as channel:
-                stub = torchserve_pb2_grpc.InferenceAPIsServiceStub(channel)
-                health = stub.Ping(empty_pb2.Empty(), timeout=2,
-                                   metadata=[("authorization", f"Bearer {keys.inference}")]).health
-        except grpc.RpcError as e:
-            return f"gRPC Ping failed: {e.code().name}"
-        if "Healthy" not in health:
-            return f"Ping says {health.strip()}"
-        for name in model_names:
-            request = urllib.request.Request(f"{self.management_url}/models/{name}",
-                                             headers={"Authorization": f"Bearer {keys.management}"})
-            try:
-                with urllib.request.urlopen(request, timeout=2) as response:
-                    versions = json.load(response)
-            except (urllib.error.URLError, OSError, ValueError) as e:
-                return f"describing model {name} failed: {e}"
-            if not any(w.get("status") == "READY" for v in versions for w in v.get("workers", [])):
-                return f"model {name} has no READY worker yet"
-        return None
 
 
 def check_java() -> None:
@@ -321,19 +231,7 @@ def _signal_group(pgid: int, sig: signal.Signals) -> None:
         os.killpg(pgid, sig)
 
 
-def free_ports(host: str, count: int) -> list[int]:
-    """Distinct free ports: all sockets stay bound until every port is known."""
-    sockets = [socket.socket() for _ in range(count)]
-    try:
-        for s in sockets:
-            s.bind((host, 0))
-        return [s.getsockname()[1] for s in sockets]
-    finally:
-        for s in sockets:
-            s.close()
-
-
-def _withfree_ports(config: TorchServeConfig) -> TorchServeConfig:
+def _with_free_ports(config: TorchServeConfig) -> TorchServeConfig:
     names = ("inference_port", "management_port", "metrics_port", "grpc_inference_port", "grpc_management_port")
     free = iter(free_ports(config.host, len(names)))
     return replace(config, **{n: getattr(config, n) or next(free) for n in names})

@@ -12,23 +12,24 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from gradserve.errors import UsageError
 from training.config import TrainConfig
 from training.data import load_splits
-from training.multitask import train_multitask
-from training.multitask_report import write_comparison_plot
+from training.multitask.report import write_comparison_plot
 from training.summary import write_json
+from training.train import train
 
 METHODS = ("equal", "gradnorm")
 
 
 def compare(cfg: TrainConfig) -> Path:
     if cfg.multitask is None:
-        raise SystemExit("--compare needs a train config with a multitask: section (see gradserve-multitask.yaml)")
+        raise UsageError("--compare needs a train config with a multitask: section (see gradserve-multitask.yaml)")
     data = load_splits(cfg.dataset, cfg.val_fraction, cfg.test_fraction, cfg.seed)  # one split for both runs
     runs = {}
     for method in METHODS:
         run_cfg = replace(cfg, name=f"{cfg.name}-{method}", multitask=replace(cfg.multitask, method=method))
-        runs[method] = train_multitask(run_cfg, data)
+        runs[method] = train(run_cfg, data)
     out = Path(cfg.runs_dir) / f"{cfg.name}-comparison"
     out.mkdir(parents=True, exist_ok=True)
     doc = side_by_side({m: json.loads((r / "summary.json").read_text()) for m, r in runs.items()})

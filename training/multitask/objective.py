@@ -1,9 +1,8 @@
-"""Multi-task training: one trunk, one head per task, the task losses balanced by GradNorm or equally.
+"""`MultitaskObjective`: what the training loop minimises with a `multitask` section, sum_i w_i L_i over one head
+per task, and what that adds to the run.
 
-`run_dir = train(TrainConfig(..., multitask=MultitaskSection(...)))` runs training/train.py's loop with the
-`MultitaskObjective` below, which writes per task and per iteration into metrics.jsonl: the loss L_i, the
-weighted gradient norm G_i on the last shared layer, the weight w_i and the inverse rate r_i; and per task test
-metrics into summary.json, with tasks.png.
+Per task and per iteration it writes into metrics.jsonl: the loss L_i, the weighted gradient norm G_i on the last
+shared layer, the weight w_i and the inverse rate r_i; and per task test metrics into summary.json, with tasks.png.
 
 What the rest of the pipeline sees is the weighted total loss sum_i w_i L_i: the global gradient norm is that
 loss's, the Records carry it (val_loss with the weights of that checkpoint), and the selection rule applies to
@@ -22,14 +21,13 @@ import torch
 from torch import nn
 
 from training import checkpoint
-from training.config import MultitaskSection, TrainConfig
+from training.config import MultitaskSection
 from training.data import Split, Splits
-from training.distributed import Dist
-from training.gradnorm import TaskWeights, last_shared_weight, task_grad_norms
-from training.multitask_report import write_task_report
+from training.multitask.gradnorm import TaskWeights, last_shared_weight, task_grad_norms
+from training.multitask.report import write_task_report
+from training.multitask.tasks import Task, describe, evaluate_tasks, extra_heads, task_losses, tasks_named
 from training.objective import Objective
 from training.summary import load_model, write_json
-from training.tasks import Task, describe, evaluate_tasks, extra_heads, task_losses, tasks_named
 
 
 @dataclass(frozen=True)
@@ -141,16 +139,6 @@ class MultitaskObjective(Objective):
         write_json(run_dir / "summary.json", summary)
         write_task_report(run_dir)
         return f"test metrics of the selected checkpoint: {summary['multitask']['test']['selected']}"
-
-
-def train_multitask(cfg: TrainConfig, data: Splits | None = None, dist: Dist | None = None,
-                    resume: bool = False) -> Path:
-    """training.train.train for a config with a multitask section."""
-    if cfg.multitask is None:
-        raise ValueError("train_multitask needs a config with a multitask section; use training.train.train")
-    from training.train import train
-
-    return train(cfg, data, dist, resume)
 
 
 def task_summary(

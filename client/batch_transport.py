@@ -7,12 +7,8 @@ Both answer `infer(rows) -> logits` or raise `Rejected` with the status name of 
 from __future__ import annotations
 
 import asyncio
-import json
-import tempfile
-import zipfile
 from collections.abc import Awaitable
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Protocol, TypeVar
 
 import grpc
@@ -42,10 +38,10 @@ class Transport(Protocol):
 
 
 class GrpcTransport:
-    """ModelInfer on the front door (server.client: raw tensor bytes, a deadline on every call)."""
+    """ModelInfer on the front door (client/grpc_client.py: raw tensor bytes, a deadline on every call)."""
 
     def __init__(self, target: str, model: str, token: str | None, timeout_s: float) -> None:
-        from server.client import Client
+        from client.grpc_client import Client
 
         self._client = Client(target, token=token, timeout=timeout_s)
         self._model = model
@@ -78,29 +74,19 @@ class LocalTransport:
     """The archive's own handler, run in this process: the same code TorchServe runs, with no server."""
 
     def __init__(self, archive: Path) -> None:
-        from handlers.handler import DigitsHandler
+        from handlers.local import LocalModel
 
-        self._dir = tempfile.TemporaryDirectory(prefix="gradserve-local-")
-        with zipfile.ZipFile(archive) as mar:
-            mar.extractall(self._dir.name)
-        model_dir = Path(self._dir.name)
-        spec = json.loads((model_dir / "gradserve.json").read_text())
-        self.row_shape = tuple(spec["inputs"][0]["shape"][1:])
-        self._handler = DigitsHandler()
-        self._context = SimpleNamespace(
-            system_properties={"model_dir": str(model_dir), "gpu_id": None},
-            model_yaml_config={"maxWorkers": 1},
-            manifest={},
-        )
-        self._handler.initialize(self._context)
+        self._model = LocalModel(archive)
+        self._input = self._model.manifest.input.name
+        self.row_shape = self._model.manifest.input.row_shape
 
     async def infer(self, rows: np.ndarray) -> np.ndarray:
-        payload = codec.encode({"input": np.ascontiguousarray(rows, dtype=np.float32)})
-        (answer,) = await asyncio.to_thread(self._handler.handle, [{"data": payload}], self._context)
+        payload = codec.encode({self._input: np.ascontiguousarray(rows, dtype=np.float32)})
+        (answer,) = await asyncio.to_thread(self._model.handle, [payload])
         message = codec.decode(answer)
         if message.error is not None:
             raise Rejected(message.error.code, message.error.message)
         return message.tensors["logits"]
 
     async def close(self) -> None:
-        self._dir.cleanup()
+        self._model.close()

@@ -1,0 +1,142 @@
+"""The stacks the bench and the tests start: `gradserve serve` as a child process (the front door with its own
+TorchServe), and TorchServe alone. Each starts on free loopback ports, is waited on by polling its readiness,
+and is stopped, with everything it started, when its block ends, whatever happened.
+
+    with running_front_door(store, workdir, token="t") as door:     # door.grpc_target, door.http_url
+        ...
+    with running_torchserve(store, workdir) as (torchserve, keys):   # TorchServe's own gRPC/REST and key
+        ...
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import psutil
+
+from gradserve.config import ENV_TOKEN
+from gradserve.net import free_ports
+from server.torchserve.client import Keys, wait_until_ready
+from server.torchserve.process import TorchServe, TorchServeConfig
+
+GRADSERVE = Path(sys.executable).parent / "gradserve"
+
+
+@dataclass
+class FrontDoor:
+    """A running `gradserve serve` and how to reach it."""
+
+    process: subprocess.Popen[bytes]
+    grpc_target: str
+    http_url: str
+    workdir: Path
+    log_path: Path
+    token: str | None
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return {"authorization": f"Bearer {self.token}"} if self.token else {}
+
+    def torchserve(self) -> psutil.Process | None:
+        """The TorchServe (java) child of the front door, if one runs."""
+        for child in psutil.Process(self.process.pid).children(recursive=True):
+            if "java" in child.name():
+                return child
+        return None
+
+    def ready(self) -> bool:
+        try:
+            return httpx.get(f"{self.http_url}/v2/health/ready", timeout=2).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    def wait_ready(self, timeout: float = 180.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"gradserve serve exited with {self.process.returncode}:\n{self.log_tail()}")
+            if self.ready():
+                return
+            time.sleep(0.3)
+        raise TimeoutError(f"front door not ready after {timeout} s:\n{self.log_tail()}")
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 60.0) -> int | None:
+        """Signal the front door and wait; if it does not exit in time, kill its group and TorchServe's (which
+        the launcher gives a group of its own), and anything else it left."""
+        if self.process.poll() is None:
+            descendants = psutil.Process(self.process.pid).children(recursive=True)
+            torchserve = self.torchserve()
+            self.process.send_signal(sig)
+            try:
+                self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(self.process.pid, signal.SIGKILL)
+                self.process.wait(10)
+                if torchserve is not None and torchserve.is_running():
+                    with contextlib.suppress(ProcessLookupError, psutil.Error):
+                        os.killpg(os.getpgid(torchserve.pid), signal.SIGKILL)
+                for p in descendants:
+                    with contextlib.suppress(psutil.Error):
+                        p.kill()
+        return self.process.returncode
+
+    def log_tail(self, lines: int = 60) -> str:
+        """The last `lines` lines of the front door's log (TorchServe's metric lines left out)."""
+        text = self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+        return "\n".join([line for line in text.splitlines() if "TS_METRICS" not in line][-lines:])
+
+
+def start_front_door(store: Path, workdir: Path, token: str | None = None, *extra: str,
+                     config: str = os.devnull) -> FrontDoor:
+    """`gradserve serve` on free ports, its log in workdir/frontdoor.log; the token goes in the environment,
+    as a deployment would pass it (never on a command line, where `ps` shows it)."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    grpc_port, http_port = free_ports("127.0.0.1", 2)
+    log_path = workdir / "frontdoor.log"
+    env = {**os.environ, ENV_TOKEN: token or ""}
+    with open(log_path, "ab") as log:
+        process = subprocess.Popen(
+            [str(GRADSERVE), "serve", "--config", config, "--host", "127.0.0.1", "--grpc-port", str(grpc_port),
+             "--http-port", str(http_port), "--model-store", str(store),
+             "--torchserve-workdir", str(workdir / "torchserve"), *extra],
+            cwd=workdir, env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+            start_new_session=True)
+    return FrontDoor(process, f"127.0.0.1:{grpc_port}", f"http://127.0.0.1:{http_port}", workdir, log_path, token)
+
+
+@contextlib.contextmanager
+def running_front_door(store: Path, workdir: Path, token: str | None = None, *extra: str, config: str = os.devnull,
+                       ready_timeout: float = 180.0) -> Iterator[FrontDoor]:
+    door = start_front_door(store, workdir, token, *extra, config=config)
+    try:
+        door.wait_ready(ready_timeout)
+        yield door
+    finally:
+        door.stop(signal.SIGTERM)
+
+
+@contextlib.contextmanager
+def running_torchserve(store: Path, workdir: Path, models: tuple[str, ...] = ("digits.mar",),
+                       timeout: float = 180.0) -> Iterator[tuple[TorchServe, Keys]]:
+    """TorchServe alone (token auth on, model API off) and the keys it wrote, once it serves `models`."""
+    torchserve = TorchServe(TorchServeConfig(model_store=store, workdir=workdir, models=models))
+    try:
+        torchserve.start()
+        # In a thread of its own: callers may be inside an event loop (the bench) or not (tests).
+        with concurrent.futures.ThreadPoolExecutor(1) as thread:
+            keys = thread.submit(asyncio.run, wait_until_ready(torchserve, timeout)).result()
+        yield torchserve, keys
+    finally:
+        torchserve.stop()

@@ -1,0 +1,370 @@
+"""The one client of TorchServe's own API, and the one place that knows TorchServe's words.
+
+`TorchServeClient` holds TorchServe's keys (read from the key file it writes, renewed through its token
+endpoint before they expire), the gRPC channel to its `Predictions`, and each model's readiness (its
+management API's worker status, polled in the background). The supervisor calls `start` once a TorchServe
+process runs and `stop` when it has died; the front door's data plane (server/backend.py) calls `predict` and
+`ready` and is told when readiness changes.
+
+TorchServe answers some conditions only in prose (a management key it has just replaced, a worker that died
+under a request, a worker that keeps failing to load): every match on its text is in the section below, so a
+TorchServe upgrade that rewords one is fixed here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import re
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+
+import grpc
+import httpx
+from google.protobuf import empty_pb2
+
+from server.config import TorchServeSection
+from server.errors import DeadlineExceeded, Unavailable
+from server.generated import torchserve_pb2, torchserve_pb2_grpc
+from server.torchserve.process import Endpoint, TorchServe, TorchServeError
+
+log = logging.getLogger(__name__)
+
+# --- TorchServe's words -------------------------------------------------------------------------------------------
+
+# The management API's 400 for a request sent with a key it has just replaced.
+_STALE_KEY = "Token Authorization"
+# gRPC INTERNAL details for the requests a worker held when it died, if TorchServe's WorkerThread has not yet read
+# its exit code (once it has, the same requests get RESOURCE_EXHAUSTED, its 507).
+_WORKER_DIED = "Worker died"
+# Ping's answer once the frontend serves.
+_HEALTHY = "Healthy"
+# ts_log.log: a model's worker died and is being restarted (the thread is W-<port>-<model>_<version>).
+_RETRY_WORKER = re.compile(r" W-\d+-(.+?)_[^ _]+ \S+ - Retry worker")
+# model_log.log: the worker's own account of why a model did not load.
+_LOAD_FAILED = "Failed to load model {name}, exception (.*)"
+_PYTHON_ERROR = re.compile(r"MODEL_LOG - ((?:\w+\.)*\w*(?:Error|Exception): .*)")
+
+
+def stale_key(status: int, text: str) -> bool:
+    return status in (400, 401, 403) and _STALE_KEY in text
+
+
+def load_failures(ts_log: str, model_names: Sequence[str]) -> dict[str, int]:
+    """How often each model's worker died and was retried, from TorchServe's log."""
+    retried = _RETRY_WORKER.findall(ts_log)
+    return {name: retried.count(name) for name in model_names}
+
+
+def load_error(model_log: str, model_name: str) -> str:
+    """The worker's last word on why `model_name` did not load ("" if it said none)."""
+    said = re.findall(_LOAD_FAILED.format(name=re.escape(model_name)), model_log) or _PYTHON_ERROR.findall(model_log)
+    return said[-1].strip() if said else ""
+
+
+def backend_error(e: grpc.aio.AioRpcError) -> Exception:
+    """The domain error (server/errors.py) for a failed Predictions call."""
+    code = e.code()
+    if code == grpc.StatusCode.DEADLINE_EXCEEDED:
+        return DeadlineExceeded("the model server did not answer within the deadline")
+    if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED):
+        return Unavailable("the model server is unreachable; retry shortly")
+    worker_died = code == grpc.StatusCode.INTERNAL and (e.details() or "").startswith(_WORKER_DIED)
+    if code == grpc.StatusCode.RESOURCE_EXHAUSTED or worker_died:
+        # What TorchServe answers the requests a dead worker held while it restarts the worker: 507 when it has
+        # already seen the exit code 137 of a SIGKILL (the OOM killer's), else 500 "Worker died." (a race in its
+        # WorkerThread). (A full TorchServe queue is UNAVAILABLE; requests never exceed its max_request_size.)
+        return Unavailable("the model server lost its worker and is restarting it; retry shortly")
+    return RuntimeError(f"model server call failed: {code.name}: {e.details()}")
+
+
+# --- keys ------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Keys:
+    inference: str
+    management: str
+    api: str
+    expires: float  # time.time() at which the first of the inference and management keys expires
+
+    @classmethod
+    def read(cls, path: Path) -> Keys:
+        """TorchServe's key_file.json (it rewrites it in place: a reader may catch it half-written)."""
+        data = json.loads(path.read_text())
+        expiry = min(_timestamp(data[k]["expiration time"]) for k in ("inference", "management"))
+        return cls(data["inference"]["key"], data["management"]["key"], data["API"]["key"], expiry)
+
+
+def _timestamp(text: str) -> float:
+    """TorchServe writes nanoseconds ("...T12:00:38.151610066Z"); Python parses at most microseconds."""
+    head, _, frac = text.rstrip("Z").partition(".")
+    return datetime.fromisoformat(f"{head}.{(frac or '0')[:6]:0<6}+00:00").timestamp()
+
+
+def _bearer(key: str) -> dict[str, str]:
+    return {"authorization": f"Bearer {key}"}
+
+
+def _grpc_bearer(key: str) -> tuple[tuple[str, str], ...]:
+    return (("authorization", f"Bearer {key}"),)
+
+
+# --- the client ----------------------------------------------------------------------------------------------
+
+
+class TorchServeClient:
+    def __init__(self, settings: TorchServeSection | None = None, max_message_bytes: int = 64 * 1024 * 1024) -> None:
+        self.settings = settings or TorchServeSection()
+        self._max_message_bytes = max_message_bytes
+        self._endpoint: Endpoint | None = None
+        self._models: list[str] = []
+        self._channel: grpc.aio.Channel | None = None
+        self._stub: torchserve_pb2_grpc.InferenceAPIsServiceStub | None = None
+        self._http: httpx.AsyncClient | None = None
+        self._keys: Keys | None = None
+        self._ready: dict[str, bool] = {}
+        self._unknown_polls: dict[str, int] = {}
+        self._tasks: list[asyncio.Task[None]] = []
+        self._listeners: list[Callable[[], None]] = []
+
+    # --- lifecycle ---------------------------------------------------------------------------------------
+
+    async def start(self, torchserve: TorchServe, timeout: float | None = None) -> None:
+        """Wait until the started `torchserve` serves every model it loads, then use it: channel, keys,
+        readiness polling and key renewal. Raises TorchServeError (saying why) when it does not come up."""
+        await self.stop()
+        await self.connect(torchserve.endpoint, torchserve.model_names)
+        try:
+            await self._wait_ready(torchserve, self.settings.ready_timeout_s if timeout is None else timeout)
+        except BaseException:
+            await self.stop()
+            raise
+        await self.poll_ready()
+        self._tasks = [asyncio.create_task(self._poll_loop()), asyncio.create_task(self._renew_loop())]
+
+    async def connect(self, endpoint: Endpoint, models: Sequence[str]) -> None:
+        """The channel and HTTP client for `endpoint`; keys are read once TorchServe has written them."""
+        self._endpoint, self._models = endpoint, list(models)
+        self._unknown_polls = dict.fromkeys(self._models, 0)
+        limit = self._max_message_bytes
+        options = [("grpc.max_send_message_length", limit), ("grpc.max_receive_message_length", limit)]
+        self._channel = grpc.aio.insecure_channel(endpoint.grpc_target, options=options)
+        self._stub = torchserve_pb2_grpc.InferenceAPIsServiceStub(self._channel)
+        self._http = httpx.AsyncClient(base_url=endpoint.management_url, timeout=5.0)
+
+    async def stop(self) -> None:
+        """TorchServe is gone (or going): every model not ready until the next `start`."""
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._tasks = []
+        self._set_ready({})
+        # Let go first: a call started while the channel closes would find it closed (UsageError).
+        channel, http = self._channel, self._http
+        self._channel = self._stub = self._http = self._endpoint = None
+        self._keys = None
+        if channel is not None:
+            await channel.close()  # cancels the calls in flight: `predict` answers them UNAVAILABLE
+        if http is not None:
+            await http.aclose()
+
+    # --- readiness -----------------------------------------------------------------------------------------
+
+    def add_listener(self, listener: Callable[[], None]) -> None:
+        """`listener()` runs whenever a model's readiness changes."""
+        self._listeners.append(listener)
+
+    def ready(self, model: str) -> bool:
+        return self._ready.get(model, False)
+
+    async def poll_ready(self) -> None:
+        """Ask the management API which models have a READY worker. A poll that gets no answer (TorchServe busy
+        or renewing its management key) keeps the last state; `unknown_polls_max` such polls in a row mean not
+        ready. A process that exits is the supervisor's to notice, at once."""
+        states = {}
+        for name in self._models:
+            answer = await self._has_ready_worker(name)
+            if answer is None:
+                self._unknown_polls[name] += 1
+                answer = self._ready.get(name, False) and self._unknown_polls[name] < self.settings.unknown_polls_max
+            else:
+                self._unknown_polls[name] = 0
+            states[name] = answer
+        self._set_ready(states)
+
+    async def _has_ready_worker(self, name: str) -> bool | None:
+        """Whether TorchServe reports a READY worker for `name`; None when it did not say."""
+        for _ in range(2):
+            keys = self._keys or await self._read_keys_once()
+            if self._http is None or keys is None:
+                return None
+            try:
+                response = await self._http.get(f"/models/{name}", headers=_bearer(keys.management))
+                if stale_key(response.status_code, response.text):
+                    # Its management key was renewed under this call: follow the key file, then ask again.
+                    await self._reload_keys(stale=keys.management, kind="management")
+                    continue
+                if response.status_code != 200:
+                    return False
+                return any(w.get("status") == "READY" for entry in response.json() for w in entry.get("workers", []))
+            except (httpx.HTTPError, ValueError, Unavailable):
+                return None
+        return None
+
+    def _set_ready(self, states: dict[str, bool]) -> None:
+        changed = states != self._ready
+        self._ready = states
+        if changed:
+            for listener in self._listeners:
+                listener()
+
+    async def _poll_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.ready_poll_s)
+            await self.poll_ready()
+
+    async def _wait_ready(self, torchserve: TorchServe, timeout: float) -> None:
+        """Until TorchServe answers Ping as Healthy and every model has a READY worker; fails early, with the
+        worker's own words, when a model's worker keeps dying while it loads (waiting would not help)."""
+        deadline = time.monotonic() + timeout
+        problem = "not started"
+        while time.monotonic() < deadline:
+            if not torchserve.alive:
+                raise TorchServeError(f"TorchServe exited (code {torchserve.returncode}); last lines of "
+                                      f"{torchserve.log_path}:\n{torchserve.log_tail()}")
+            problem = await self._not_ready()
+            if problem is None:
+                return
+            self._check_loads(torchserve)
+            await asyncio.sleep(0.25)
+        raise TorchServeError(f"TorchServe not ready after {timeout:.0f}s ({problem}); last lines of "
+                              f"{torchserve.model_log_path}:\n{torchserve.log_tail(15, torchserve.model_log_path)}")
+
+    async def _not_ready(self) -> str | None:
+        """None when ready, else what is still missing."""
+        keys = self._keys or await self._read_keys_once()
+        if keys is None or self._stub is None:
+            return "key_file.json not written yet"
+        try:
+            answer = await self._stub.Ping(empty_pb2.Empty(), timeout=2, metadata=_grpc_bearer(keys.inference))
+        except grpc.aio.AioRpcError as e:
+            return f"gRPC Ping failed: {e.code().name}"
+        if _HEALTHY not in answer.health:
+            return f"Ping says {answer.health.strip()}"
+        for name in self._models:
+            if not await self._has_ready_worker(name):
+                return f"model {name} has no READY worker yet"
+        return None
+
+    def _check_loads(self, torchserve: TorchServe) -> None:
+        ts_log = torchserve.log_since_start(torchserve.ts_log_path)
+        for name, failures in load_failures(ts_log, self._models).items():
+            if failures >= self.settings.max_load_failures:
+                reason = load_error(torchserve.log_since_start(torchserve.model_log_path), name)
+                raise TorchServeError(
+                    f"model {name!r}: its worker failed to load {failures} times (TorchServe keeps retrying): "
+                    f"{reason or 'it gave no reason'}. Fix or remove its archive; the worker's log "
+                    f"is {torchserve.model_log_path}")
+
+    # --- keys --------------------------------------------------------------------------------------------
+
+    @property
+    def keys(self) -> Keys | None:
+        return self._keys
+
+    async def _read_keys_once(self) -> Keys | None:
+        if self._endpoint is None:
+            return None
+        try:
+            self._keys = Keys.read(self._endpoint.key_file)
+        except (OSError, ValueError, KeyError):
+            return None
+        return self._keys
+
+    async def _reload_keys(self, stale: str, kind: str = "inference") -> None:
+        """Wait until the key file holds a `kind` ("inference" or "management") key other than `stale`:
+        TorchServe drops the old key before it has rewritten the file."""
+        deadline = time.monotonic() + self.settings.key_wait_s
+        while self._endpoint is not None:
+            try:
+                keys = Keys.read(self._endpoint.key_file)
+                if getattr(keys, kind) != stale:
+                    self._keys = keys
+                    return
+            except (OSError, ValueError, KeyError):
+                pass
+            if time.monotonic() > deadline:
+                break
+            await asyncio.sleep(0.05)
+        raise Unavailable("the model server's keys are being renewed; retry shortly")
+
+    async def renew_keys(self) -> None:
+        """Have TorchServe issue new inference and management keys, and read them from its key file."""
+        old = self._keys
+        if self._http is None or old is None:
+            raise Unavailable("the model server is not connected")
+        for kind in ("inference", "management"):
+            response = await self._http.get("/token", params={"type": kind}, headers=_bearer(old.api))
+            response.raise_for_status()
+        await self._reload_keys(stale=old.management, kind="management")  # the last one it renewed
+        assert self._keys is not None
+        log.info("renewed TorchServe's keys; they expire in %.0f s", self._keys.expires - time.time())
+
+    async def _renew_loop(self) -> None:
+        while True:
+            assert self._keys is not None
+            # Renew a margin before expiry: a third of the keys' lifetime when that is shorter.
+            margin = min(self.settings.token_renew_margin_s, self.settings.token_expiration_min * 60 / 3)
+            await asyncio.sleep(max(self._keys.expires - time.time() - margin, 0.5))
+            try:
+                await self.renew_keys()
+            except (httpx.HTTPError, OSError, ValueError, KeyError, Unavailable) as e:
+                log.warning("renewing TorchServe's keys failed (%s); retrying", e)
+
+    # --- inference -----------------------------------------------------------------------------------------
+
+    async def predict(self, model: str, payload: bytes, deadline: float) -> bytes:
+        """TorchServe's `Predictions` for one handler payload, by `deadline` (the loop's clock); its answer's
+        payload. Failures are domain errors (server/errors.py)."""
+        request = torchserve_pb2.PredictionsRequest(model_name=model, input={"data": payload})
+        for _ in range(3):
+            stub, keys = self._stub, self._keys
+            if stub is None or keys is None:
+                raise Unavailable("the model server is down and restarting; retry shortly")
+            timeout = deadline - asyncio.get_running_loop().time()
+            if timeout <= 0:
+                raise DeadlineExceeded("the deadline passed before the request reached the model server")
+            try:
+                response = await stub.Predictions(request, timeout=timeout,
+                                                  metadata=_grpc_bearer(keys.inference))
+                return response.prediction
+            except (asyncio.CancelledError, grpc.aio.UsageError):
+                task = asyncio.current_task()
+                if task is not None and task.cancelling():
+                    raise  # this task itself is cancelled (its caller's deadline): not ours to answer
+                # TorchServe died and `stop` closed the channel under this call, which grpc.aio reports as a
+                # cancellation of the awaiting task; passed on, the caller's RPC would get no answer.
+                raise Unavailable("the model server went down during the call; retry shortly") from None
+            except grpc.aio.AioRpcError as e:
+                if e.code() != grpc.StatusCode.PERMISSION_DENIED or self._endpoint is None:
+                    raise backend_error(e) from None
+                # TorchServe renewed its keys under this call (it drops the old key before it has rewritten its
+                # key file): wait for the new key, then try again.
+                await self._reload_keys(stale=keys.inference)
+        raise Unavailable("the model server refused its renewed key; retry shortly")
+
+
+async def wait_until_ready(torchserve: TorchServe, timeout: float = 180.0) -> Keys:
+    """For tests and the bench: block until a started TorchServe serves its models; its keys."""
+    client = TorchServeClient()
+    try:
+        await client.start(torchserve, timeout)
+        assert client.keys is not None
+        return client.keys
+    finally:
+        await client.stop()
