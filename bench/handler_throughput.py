@@ -28,6 +28,7 @@ import torch
 from handlers import codec
 from handlers.handler import DigitsHandler
 from handlers.local import context, unpack
+from handlers.manifest import FILE as MANIFEST_FILE
 from handlers.manifest import Manifest, TensorSpec
 from training.model import ModelConfig, build_model
 
@@ -46,7 +47,7 @@ def model_dir(archive: Path | None, into: Path) -> Path:
     digest = hashlib.sha256((into / "weights.pt").read_bytes()).hexdigest()
     Manifest(name="digits", version="bench", inputs=(TensorSpec("input", "FP32", (-1, 1, 8, 8)),),
              outputs=(TensorSpec("logits", "FP32", (-1, 10)),), weights_file="weights.pt", weights_sha256=digest,
-             model_config=config.to_dict()).write(into / "gradserve.json")
+             model_config=config.to_dict()).write(into / MANIFEST_FILE)
     return into
 
 

@@ -16,6 +16,24 @@ import pytest
 from common import ROOT, free_port
 
 
+def started(command: list[str], log_path: Path, cwd: Path, env: dict[str, str] | None = None) -> subprocess.Popen:
+    """`command` in a session of its own (as a terminal runs it), its output in `log_path`."""
+    with log_path.open("w") as log:
+        return subprocess.Popen(command, cwd=cwd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                env=env, start_new_session=True)
+
+
+def wait_for_banner(process: subprocess.Popen, log_path: Path, timeout: float) -> str:
+    """The output once it says "gradserve is ready." (the process must not exit first)."""
+    deadline = time.monotonic() + timeout
+    while "gradserve is ready." not in log_path.read_text() and time.monotonic() < deadline:
+        assert process.poll() is None, log_path.read_text()[-5000:]
+        time.sleep(0.5)
+    text = log_path.read_text()
+    assert "gradserve is ready." in text, text[-5000:]
+    return text
+
+
 def processes_under(folder: Path) -> list[psutil.Process]:
     """Processes whose working directory or command line is inside `folder`."""
     found = []
@@ -36,17 +54,9 @@ def test_make_run_from_a_clean_clone(tmp_path: Path) -> None:
     (clone / ".venv").symlink_to(ROOT / ".venv")  # the environment `make test` already bootstrapped
     grpc_port, http_port = free_port(), free_port()
     log_path = tmp_path / "make-run.log"
-    with log_path.open("w") as log:
-        make = subprocess.Popen(["make", "run", f"RUN_ARGS=--grpc-port {grpc_port} --http-port {http_port}"],
-                                cwd=clone, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                start_new_session=True)
+    make = started(["make", "run", f"RUN_ARGS=--grpc-port {grpc_port} --http-port {http_port}"], log_path, clone)
     try:
-        deadline = time.monotonic() + 600
-        while "gradserve is ready." not in log_path.read_text() and time.monotonic() < deadline:
-            assert make.poll() is None, log_path.read_text()[-5000:]
-            time.sleep(1)
-        text = log_path.read_text()
-        assert "gradserve is ready." in text, text[-5000:]
+        text = wait_for_banner(make, log_path, 600)
         assert (clone / "model_store" / "digits.mar").exists() and (clone / "runs" / "digits" / "report.png").exists()
         assert re.search(r"checkpoint step \d+, gradient norm [\d.e+-]+, validation loss [\d.]+ "
                          r"\(untrained baseline [\d.]+; rule satisfied: True\)", text), text[-3000:]
@@ -109,17 +119,10 @@ def test_gradserve_run_requires_the_token_from_the_environment_and_never_prints_
                       f"  torchserve: {{workdir: {tmp_path / 'torchserve'}}}\n")
     grpc_port, http_port = free_port(), free_port()
     log_path = tmp_path / "run.log"
-    with log_path.open("w") as log:
-        run = subprocess.Popen([str(GRADSERVE), "run", "--config", str(config), "--grpc-port", str(grpc_port),
-                                "--http-port", str(http_port)], cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT,
-                               stdin=subprocess.DEVNULL, env={**os.environ, "GRADSERVE_TOKEN": secret},
-                               start_new_session=True)
+    run = started([str(GRADSERVE), "run", "--config", str(config), "--grpc-port", str(grpc_port), "--http-port",
+                   str(http_port)], log_path, tmp_path, env={**os.environ, "GRADSERVE_TOKEN": secret})
     try:
-        deadline = time.monotonic() + 240
-        while "gradserve is ready." not in log_path.read_text() and time.monotonic() < deadline:
-            assert run.poll() is None, log_path.read_text()[-3000:]
-            time.sleep(0.5)
-        assert "authentication: on, bearer token from $GRADSERVE_TOKEN" in log_path.read_text()
+        assert "authentication: on, bearer token from $GRADSERVE_TOKEN" in wait_for_banner(run, log_path, 240)
         with grpc.insecure_channel(f"127.0.0.1:{grpc_port}") as channel:
             stub = pb_grpc.GRPCInferenceServiceStub(channel)
             with pytest.raises(grpc.RpcError) as refused:

@@ -28,6 +28,7 @@ import handlers.codec
 import training.model
 from gradserve import config as gradserve_config
 from gradserve.errors import UsageError
+from handlers.manifest import FILE as MANIFEST_FILE
 from handlers.manifest import Manifest, TensorSpec
 
 
@@ -80,7 +81,7 @@ def package(run: Path, config: PackageConfig, allow_fallback: bool = False, forc
         weights = stage / "weights.pt"
         torch.save(checkpoint["state_dict"], weights)
         manifest = _manifest(name, config, chosen, checkpoint, _sha256(weights), allow_fallback)
-        manifest.write(extra / "gradserve.json")
+        manifest.write(extra / MANIFEST_FILE)
         model_config = stage / "model-config.yaml"
         model_config.write_text(yaml.safe_dump({
             "minWorkers": config.min_workers, "maxWorkers": config.max_workers, "batchSize": config.batch_size,
