@@ -102,7 +102,7 @@ class DigitsHandler(BaseHandler):
                                  f"in 'data' or 'body', got {type(payload).__name__}")
         try:
             message = codec.decode(payload)
-            return validate_rows(self.manifest, message.tensors)
+            return validate_rows(self.manifest, message.tensors)[1]
         except (codec.CodecError, InvalidRows) as e:
             return self._invalid(str(e))
 

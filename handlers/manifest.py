@@ -165,22 +165,32 @@ class Manifest:
         return {k: v for k, v in props.items() if isinstance(v, str | int | float | bool)}
 
 
-def validate_rows(manifest: Manifest, tensors: Mapping[str, np.ndarray], max_rows: int | None = None) -> np.ndarray:
-    """The rows of a request that carries the model's input and nothing else, or InvalidRows saying what the
-    model takes. `max_rows` may lower the manifest's limit (the front door's own)."""
-    spec = manifest.input
+def validate_rows(manifest: Manifest, tensors: Mapping[str, np.ndarray],
+                  max_rows: int | None = None) -> tuple[str, np.ndarray]:
+    """(input name, rows) of a request that carries exactly one of the model's inputs and nothing else, or
+    InvalidRows saying what the model takes. `max_rows` may lower the manifest's limit (the front door's own).
+    A BYTES input is a 1-D object array of non-empty `bytes` (one encoded file per row), checked here for its
+    form only: the handler decodes it."""
     limit = min(manifest.max_rows, max_rows or manifest.max_rows)
-    expected = f"one {spec.describe()} with 1 <= n <= {limit} and finite values"
-    if set(tensors) != {spec.name}:
+    choices = " or ".join(s.describe() for s in manifest.inputs)
+    expected = f"{'one' if len(manifest.inputs) == 1 else 'exactly one of'} {choices}, with 1 <= n <= {limit}"
+    expected += " and finite values" if any(s.datatype != "BYTES" for s in manifest.inputs) else ""
+    specs = {s.name: s for s in manifest.inputs}
+    if len(tensors) != 1 or next(iter(tensors)) not in specs:
         raise InvalidRows(f"model {manifest.name!r} takes {expected}; got tensors {sorted(tensors)}")
-    x = tensors[spec.name]
-    if x.dtype != codec.DATATYPES.get(spec.datatype) or x.ndim != len(spec.shape) or x.shape[1:] != spec.row_shape:
+    ((name, x),) = tensors.items()
+    spec = specs[name]
+    dtype = np.dtype(object) if spec.datatype == "BYTES" else codec.DATATYPES.get(spec.datatype)
+    if x.dtype != dtype or x.ndim != len(spec.shape) or x.shape[1:] != spec.row_shape:
         raise InvalidRows(f"model {manifest.name!r} takes {expected}; got {_datatype(x.dtype)} {list(x.shape)}")
     if not 1 <= len(x) <= limit:
         raise InvalidRows(f"model {manifest.name!r} takes {expected}; got n = {len(x)}")
     if x.dtype.kind == "f" and not np.isfinite(x).all():
         raise InvalidRows(f"model {manifest.name!r} takes {expected}; got NaN or infinite values")
-    return x
+    if x.dtype == object and not all(isinstance(v, bytes) and v for v in x):
+        raise InvalidRows(f"model {manifest.name!r} takes {expected}; input {name!r} has an empty element or one "
+                          "that is not bytes")
+    return name, x
 
 
 def _optional_float(value: Any) -> float | None:
@@ -188,6 +198,8 @@ def _optional_float(value: Any) -> float | None:
 
 
 def _datatype(dtype: np.dtype) -> str:
+    if dtype == object:
+        return "BYTES"
     try:
         return codec.datatype_of(dtype)
     except codec.CodecError:

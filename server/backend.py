@@ -50,10 +50,11 @@ class Backend:
         self._listeners: list[Callable[[bool], None]] = []
         observe = observe_group or (lambda model, rows: None)
         c = config.coalesce
+        # One coalescer per model and input: the rows of one call to TorchServe are all of one input.
         self._coalescers = {
-            name: Coalescer(functools.partial(self._predict, served.manifest), c.max_rows, c.max_delay_ms / 1000,
-                            c.max_calls, functools.partial(observe, name))
-            for name, served in self._registry.items()
+            (name, spec.name): Coalescer(functools.partial(self._predict, served.manifest, spec.name), c.max_rows,
+                                         c.max_delay_ms / 1000, c.max_calls, functools.partial(observe, name))
+            for name, served in self._registry.items() for spec in served.manifest.inputs
         }
         server.add_listener(self._readiness_changed)
 
@@ -110,7 +111,7 @@ class Backend:
         remaining deadline; the configured default when None)."""
         manifest = self.model(name, version)
         try:
-            rows = validate_rows(manifest, inputs, self._config.limits.max_rows)
+            input_name, rows = validate_rows(manifest, inputs, self._config.limits.max_rows)
         except InvalidRows as e:
             raise InvalidInput(str(e)) from None
         wanted = _requested(manifest, outputs)
@@ -125,15 +126,15 @@ class Backend:
         self._in_flight += 1
         try:
             async with asyncio.timeout(timeout):
-                result = await self._coalescers[name].submit(rows, loop.time() + timeout)
+                result = await self._coalescers[name, input_name].submit(rows, loop.time() + timeout)
         except TimeoutError:
             raise DeadlineExceeded(f"no answer within the deadline of {timeout:.3f} s") from None
         finally:
             self._in_flight -= 1
         return manifest, {k: result[k] for k in wanted}
 
-    async def _predict(self, manifest: Manifest, rows: np.ndarray, deadline: float) -> Outputs:
-        answer = await self._server.predict(manifest.name, codec.encode({manifest.input.name: rows}), deadline)
+    async def _predict(self, manifest: Manifest, input_name: str, rows: np.ndarray, deadline: float) -> Outputs:
+        answer = await self._server.predict(manifest.name, codec.encode({input_name: rows}), deadline)
         try:
             message = codec.decode(answer)
         except codec.CodecError as e:
