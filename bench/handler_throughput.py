@@ -26,11 +26,12 @@ import numpy as np
 import torch
 
 from handlers import codec
-from handlers.handler import DigitsHandler
+from handlers.factory import BUILTIN, ModelSpec
+from handlers.handler import GradserveHandler
 from handlers.local import context, unpack
 from handlers.manifest import FILE as MANIFEST_FILE
 from handlers.manifest import Manifest, TensorSpec
-from training.model import ModelConfig, build_model
+from handlers.preprocess import Preprocess
 
 ROWS = (1, 16, 64, 256)
 # CPU seconds of this process, not wall time: on a shared box the time we are descheduled is not our cost.
@@ -42,12 +43,13 @@ def model_dir(archive: Path | None, into: Path) -> Path:
     """An archive extracted as TorchServe would, or a fresh model staged in the same layout."""
     if archive is not None:
         return unpack(archive, into)
-    config = ModelConfig()
-    torch.save(build_model(config).eval().state_dict(), into / "weights.pt")
+    spec = ModelSpec(BUILTIN, (1, 8, 8), 10)
+    torch.save(spec.build().eval().state_dict(), into / "weights.pt")
     digest = hashlib.sha256((into / "weights.pt").read_bytes()).hexdigest()
     Manifest(name="digits", version="bench", inputs=(TensorSpec("input", "FP32", (-1, 1, 8, 8)),),
              outputs=(TensorSpec("logits", "FP32", (-1, 10)),), weights_file="weights.pt", weights_sha256=digest,
-             model_config=config.to_dict()).write(into / MANIFEST_FILE)
+             model_config=spec.to_dict(), preprocess=Preprocess("image", (1, 8, 8)).to_dict(),
+             labels=tuple("0123456789")).write(into / MANIFEST_FILE)
     return into
 
 
@@ -85,7 +87,7 @@ class Precomputed(torch.nn.Module):
         return {"logits": self.forward(x)}
 
 
-def measure(handler: DigitsHandler, seconds: float) -> list[dict[str, Any]]:
+def measure(handler: GradserveHandler, seconds: float) -> list[dict[str, Any]]:
     calls = context(Path("."))
     rng = np.random.default_rng(0)
     model = handler.model
@@ -127,7 +129,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:
-        handler = DigitsHandler()
+        handler = GradserveHandler()
         handler.initialize(context(model_dir(args.archive, Path(tmp))))
         torch.set_num_threads(args.threads)
         table = measure(handler, args.seconds)

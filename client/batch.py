@@ -1,4 +1,4 @@
-"""`gradserve batch`: a whole file of inputs through the front door, one prediction per row, in input order.
+"""`gradserve batch`: a whole file (or folder of images) through the front door, one prediction per row, in order.
 
 Rows travel many per request with bounded concurrency. The job keeps each finished chunk in a work folder
 beside the output (`<output>.work/`), written atomically, so a job killed at any moment and run again with
@@ -24,7 +24,7 @@ import numpy as np
 from tqdm import tqdm
 
 from client import batch_io
-from client.batch_transport import FATAL, RETRYABLE, GrpcTransport, LocalTransport, Rejected, Transport
+from client.batch_transport import FATAL, RETRYABLE, Answer, GrpcTransport, LocalTransport, Rejected, Transport
 from gradserve import config as gradserve_config
 from gradserve.config import ENV_TOKEN, env_field, path_field
 from gradserve.errors import UsageError
@@ -100,7 +100,7 @@ def work_dir(output: Path) -> Path:
 
 async def run_job(config: BatchConfig, transport: Transport) -> Summary:
     began = time.perf_counter()
-    inputs = batch_io.read_inputs(config.input, transport.row_shape)
+    inputs = batch_io.read_inputs(config.input, transport.contract)
     start, stop = shard_range(len(inputs), config.shard)
     work = _prepare_work_dir(config, len(inputs))
     chunks = [Chunk(i, s, min(s + config.rows_per_request, stop - start))
@@ -119,7 +119,7 @@ async def run_job(config: BatchConfig, transport: Transport) -> Summary:
         await asyncio.gather(*(one(c) for c in todo))
     finally:
         bar.close()
-    return _finish(config, inputs, start, stop, chunks, work, time.perf_counter() - began)
+    return _finish(config, transport, inputs, start, stop, chunks, work, time.perf_counter() - began)
 
 
 def _prepare_work_dir(config: BatchConfig, total_rows: int) -> Path:
@@ -148,53 +148,59 @@ async def _run_chunk(config: BatchConfig, transport: Transport, inputs: batch_io
                      chunk: Chunk, work: Path) -> None:
     first, last = offset + chunk.start, offset + chunk.stop
     n = last - first
-    logits: np.ndarray | None = None
+    values: np.ndarray | None = None
+    names = np.full(n, "", dtype=object)
     ok = np.zeros(n, dtype=bool)
-    errors: list[dict[str, str]] = []
-    readable = [i for i in range(first, last) if i not in inputs.bad]
-    for i in range(first, last):
-        if i in inputs.bad:
-            errors.append({"id": inputs.ids[i], "status": "INVALID_ARGUMENT", "message": inputs.bad[i]})
-    for rows, result in await _infer_isolating(config, transport, inputs.rows, readable):
+    wanted = [i for i in range(first, last) if i not in inputs.bad]
+    rows, unreadable = inputs.take(wanted)
+    bad = {**{i: inputs.bad[i] for i in range(first, last) if i in inputs.bad}, **unreadable}
+    errors = [{"id": inputs.ids[i], "status": "INVALID_ARGUMENT", "message": why} for i, why in sorted(bad.items())]
+    readable = [k for k, i in enumerate(wanted) if i not in unreadable]  # positions in `rows`
+    for positions, result in await _infer_isolating(config, transport, inputs.input_name, rows, readable):
+        indices = np.asarray([wanted[k] for k in positions]) - first
         if isinstance(result, Rejected):
-            errors += [{"id": inputs.ids[i], "status": result.status, "message": result.message} for i in rows]
+            errors += [{"id": inputs.ids[first + i], "status": result.status, "message": result.message}
+                       for i in indices]
             continue
-        if logits is None:
-            logits = np.zeros((n, result.shape[1]), dtype=np.float32)
-        logits[np.asarray(rows) - first] = result
-        ok[np.asarray(rows) - first] = True
-    if logits is None:
-        logits = np.zeros((n, 0), dtype=np.float32)
+        if values is None:
+            values = np.zeros((n, result.values.shape[1]), dtype=np.float32)
+        values[indices] = result.values
+        if result.names is not None:
+            names[indices] = result.names
+        ok[indices] = True
+    if values is None:
+        values = np.zeros((n, 0), dtype=np.float32)
     with batch_io.atomic_open(_chunk_file(work, chunk), "wb") as f:
-        np.savez(f, logits=logits, ok=ok, errors=np.array(json.dumps(errors)))
+        np.savez(f, values=values, names=names.astype(str), ok=ok, errors=np.array(json.dumps(errors)))
 
 
-async def _infer_isolating(config: BatchConfig, transport: Transport, rows: np.ndarray,
-                           indices: list[int]) -> list[tuple[list[int], np.ndarray | Rejected]]:
-    """Infer `indices`; when the server rejects the group as invalid, split it until bad rows stand alone."""
-    if not indices:
+async def _infer_isolating(config: BatchConfig, transport: Transport, input_name: str, rows: np.ndarray,
+                           positions: list[int]) -> list[tuple[list[int], Answer | Rejected]]:
+    """Infer the rows at `positions`; when the server rejects the group as invalid, split it until bad rows
+    stand alone."""
+    if not positions:
         return []
     try:
-        return [(indices, await _with_retries(config, transport, rows[indices]))]
+        return [(positions, await _with_retries(config, transport, input_name, rows[positions]))]
     except Rejected as e:
         if e.status in FATAL:
             raise JobFailed(f"the server refused the job: {e}") from None
         if e.status in RETRYABLE:
             raise JobFailed(f"the server stayed unavailable for {config.retry_for_s:.0f} s ({e}); finished rows "
                             "are kept: run the same command again to resume") from None
-        if len(indices) == 1 or e.status not in ("INVALID_ARGUMENT", "RESOURCE_EXHAUSTED"):
-            return [(indices, e)]
-    half = len(indices) // 2
-    left = await _infer_isolating(config, transport, rows, indices[:half])
-    return left + await _infer_isolating(config, transport, rows, indices[half:])
+        if len(positions) == 1 or e.status not in ("INVALID_ARGUMENT", "RESOURCE_EXHAUSTED"):
+            return [(positions, e)]
+    half = len(positions) // 2
+    left = await _infer_isolating(config, transport, input_name, rows, positions[:half])
+    return left + await _infer_isolating(config, transport, input_name, rows, positions[half:])
 
 
-async def _with_retries(config: BatchConfig, transport: Transport, rows: np.ndarray) -> np.ndarray:
+async def _with_retries(config: BatchConfig, transport: Transport, input_name: str, rows: np.ndarray) -> Answer:
     deadline = time.monotonic() + config.retry_for_s
     delay = 0.1
     while True:
         try:
-            return await transport.infer(rows)
+            return await transport.infer(input_name, rows)
         except Rejected as e:
             if e.status not in RETRYABLE or time.monotonic() + delay > deadline:
                 raise
@@ -202,20 +208,22 @@ async def _with_retries(config: BatchConfig, transport: Transport, rows: np.ndar
         delay = min(delay * 2, 5.0)
 
 
-def _finish(config: BatchConfig, inputs: batch_io.Inputs, start: int, stop: int, chunks: list[Chunk],
-            work: Path, seconds: float) -> Summary:
+def _finish(config: BatchConfig, transport: Transport, inputs: batch_io.Inputs, start: int, stop: int,
+            chunks: list[Chunk], work: Path, seconds: float) -> Summary:
     parts = [np.load(_chunk_file(work, c)) for c in chunks]
-    width = max((p["logits"].shape[1] for p in parts), default=0)
-    logits = np.zeros((stop - start, width), dtype=np.float32)
+    width = max((p["values"].shape[1] for p in parts), default=0)
+    values = np.zeros((stop - start, width), dtype=np.float32)
+    names = np.full(stop - start, "", dtype=object)
     ok = np.zeros(stop - start, dtype=bool)
     errors: list[dict[str, str]] = []
     for chunk, part in zip(chunks, parts, strict=True):
-        if part["logits"].shape[1] == width:
-            logits[chunk.start:chunk.stop] = part["logits"]
+        if part["values"].shape[1] == width:
+            values[chunk.start:chunk.stop] = part["values"]
+        names[chunk.start:chunk.stop] = part["names"]
         ok[chunk.start:chunk.stop] = part["ok"]
         errors += json.loads(str(part["errors"]))
     ids = inputs.ids[start:stop]
-    batch_io.write_outputs(config.output, ids, logits, ok)
+    batch_io.write_outputs(config.output, ids, values, names, ok, transport.contract.task)
     batch_io.write_errors(errors_path(config.output), errors)
     if config.shard[1] > 1:
         meta = {"shard": config.shard[0], "of": config.shard[1], "start": start, "stop": stop,
@@ -265,7 +273,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("parts", nargs="*", type=Path, help="merge: the shard outputs, in any order")
     parser.add_argument("--config", default=None, help="gradserve.yaml (default: ./gradserve.yaml if present); "
                         "its batch: section sets the defaults")
-    parser.add_argument("--input", type=Path, help=".npy, .jsonl or .csv")
+    parser.add_argument("--input", type=Path, help=".npy, .jsonl, .csv (rows) or a folder of image files")
     parser.add_argument("--output", type=Path, required=True, help=".jsonl (id, label, logits) or .npy (logits)")
     parser.add_argument("--model", help="the served model (default digits)")
     parser.add_argument("--grpc", help="the front door's gRPC address (default 127.0.0.1:8001)")
@@ -292,7 +300,7 @@ def main(args: argparse.Namespace) -> int:
     if args.action == "merge":
         return merge(args.parts, args.output)
     if args.input is None:
-        raise UsageError("--input is required: the .npy, .jsonl or .csv file of rows to predict")
+        raise UsageError("--input is required: the .npy, .jsonl or .csv file of rows, or a folder of images")
     names = ("input", "output", "model", "grpc", "token", "local", "rows_per_request", "concurrency", "timeout_s",
              "retry_for_s", "shard", "progress")
     config = gradserve_config.load(BatchConfig, gradserve_config.default_path(args.config), "batch",

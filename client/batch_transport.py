@@ -1,19 +1,22 @@
 """Where a batch job sends its rows: the front door over gRPC, or the archive's handler in-process.
 
-Both answer `infer(rows) -> logits` or raise `Rejected` with the status name of the error table
-(INVALID_ARGUMENT, UNAVAILABLE, ...), so the job treats them alike and their outputs can be compared.
+Both answer `infer(input name, rows) -> Answer` (logits and class names, or predictions) or raise `Rejected`
+with the status name of the error table (INVALID_ARGUMENT, UNAVAILABLE, ...), so the job treats them alike and
+their outputs can be compared.
 """
 
 from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol, TypeVar
 
 import grpc
 import numpy as np
 
+from client.contract import ModelContract, metadata_dict
 from handlers import codec
 
 T = TypeVar("T")
@@ -29,12 +32,27 @@ class Rejected(Exception):
         self.message = message
 
 
-class Transport(Protocol):
-    row_shape: tuple[int, ...]
+@dataclass(frozen=True)
+class Answer:
+    """The rows' scores: logits [n, K] and class names [n] (classification), or predictions [n, T]."""
 
-    async def infer(self, rows: np.ndarray) -> np.ndarray: ...
+    values: np.ndarray
+    names: np.ndarray | None = None
+
+
+class Transport(Protocol):
+    contract: ModelContract
+
+    async def infer(self, input_name: str, rows: np.ndarray) -> Answer: ...
 
     async def close(self) -> None: ...
+
+
+def answer(contract: ModelContract, outputs: dict[str, np.ndarray]) -> Answer:
+    if contract.task == "regression":
+        return Answer(np.asarray(outputs["prediction"], dtype=np.float32))
+    names = np.array([n.decode(errors="replace") if isinstance(n, bytes) else str(n) for n in outputs["class_name"]])
+    return Answer(np.asarray(outputs["logits"], dtype=np.float32), names)
 
 
 class GrpcTransport:
@@ -45,19 +63,15 @@ class GrpcTransport:
 
         self._client = Client(target, token=token, timeout=timeout_s)
         self._model = model
-        self._input = "input"
-        self.row_shape: tuple[int, ...] = ()
 
     async def connect(self) -> GrpcTransport:
-        meta = await _rejecting(self._client.metadata(self._model))
-        self._input = meta.inputs[0].name
-        self.row_shape = tuple(int(d) for d in meta.inputs[0].shape[1:])
+        self.contract = ModelContract.from_metadata(metadata_dict(await _rejecting(self._client.metadata(self._model))))
         return self
 
-    async def infer(self, rows: np.ndarray) -> np.ndarray:
-        outputs = await _rejecting(self._client.infer(self._model, rows, outputs=("logits",),
-                                                      input_name=self._input))
-        return outputs["logits"]
+    async def infer(self, input_name: str, rows: np.ndarray) -> Answer:
+        wanted = ("prediction",) if self.contract.task == "regression" else ("logits", "class_name")
+        outputs = await _rejecting(self._client.infer(self._model, rows, outputs=wanted, input_name=input_name))
+        return answer(self.contract, outputs)
 
     async def close(self) -> None:
         await self._client.close()
@@ -77,16 +91,15 @@ class LocalTransport:
         from handlers.local import LocalModel
 
         self._model = LocalModel(archive)
-        self._input = self._model.manifest.input.name
-        self.row_shape = self._model.manifest.input.row_shape
+        self.contract = ModelContract.from_manifest(self._model.manifest)
 
-    async def infer(self, rows: np.ndarray) -> np.ndarray:
-        payload = codec.encode({self._input: np.ascontiguousarray(rows, dtype=np.float32)})
-        (answer,) = await asyncio.to_thread(self._model.handle, [payload])
-        message = codec.decode(answer)
+    async def infer(self, input_name: str, rows: np.ndarray) -> Answer:
+        data = rows if input_name == "image" else np.ascontiguousarray(rows, dtype=np.float32)
+        (reply,) = await asyncio.to_thread(self._model.handle, [codec.encode({input_name: data})])
+        message = codec.decode(reply)
         if message.error is not None:
             raise Rejected(message.error.code, message.error.message)
-        return message.tensors["logits"]
+        return answer(self.contract, message.tensors)
 
     async def close(self) -> None:
         self._model.close()

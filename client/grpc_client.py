@@ -4,11 +4,15 @@
         outputs = await client.infer("digits", x)          # x: float32 [n, 1, 8, 8]
         outputs["label"], outputs["probabilities"]
 
+A BYTES tensor (e.g. encoded image files, one per row) is a numpy object array of `bytes`:
+`client.infer("model", np.array([png1, png2], dtype=object), input_name="image")`.
+
 Failed calls raise grpc.aio.AioRpcError; its .code() is the error table's status.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from pathlib import Path
 from types import TracebackType
@@ -76,15 +80,26 @@ class Client:
 
 def request(model: str, x: np.ndarray, outputs: Sequence[str] = (), request_id: str = "",
             input_name: str = "input") -> pb.ModelInferRequest:
-    x = np.ascontiguousarray(x)
+    """A ModelInferRequest carrying `x` in raw_input_contents (BYTES in the protocol's length-prefixed form)."""
+    x = np.asarray(x)
+    datatype = codec.datatype_of(x.dtype)
     message = pb.ModelInferRequest(model_name=model, id=request_id,
                                    outputs=[pb.ModelInferRequest.InferRequestedOutputTensor(name=n) for n in outputs])
-    message.inputs.add(name=input_name, datatype=codec.datatype_of(x.dtype), shape=x.shape)
-    message.raw_input_contents.append(x.tobytes())
+    message.inputs.add(name=input_name, datatype=datatype, shape=x.shape)
+    if datatype == codec.BYTES:
+        message.raw_input_contents.append(codec.serialize_bytes(x))
+    else:
+        message.raw_input_contents.append(np.ascontiguousarray(x, codec.dtype_of(datatype)).tobytes())
     return message
 
 
 def decode(response: pb.ModelInferResponse) -> dict[str, np.ndarray]:
-    """Outputs from raw_output_contents (views on the response's bytes)."""
-    return {t.name: np.frombuffer(raw, dtype=codec.dtype_of(t.datatype)).reshape(tuple(t.shape))
+    """Outputs from raw_output_contents: views on the response's bytes; BYTES as object arrays of bytes."""
+    return {t.name: _array(t.datatype, tuple(t.shape), raw)
             for t, raw in zip(response.outputs, response.raw_output_contents, strict=True)}
+
+
+def _array(datatype: str, shape: tuple[int, ...], raw: bytes) -> np.ndarray:
+    if datatype == codec.BYTES:
+        return codec.deserialize_bytes(raw, math.prod(shape)).reshape(shape)
+    return np.frombuffer(raw, dtype=codec.dtype_of(datatype)).reshape(shape)

@@ -5,13 +5,17 @@ One message carries named tensors as raw little-endian bytes, or one error:
     b"GSv1" | u32 header length (LE) | JSON header | tensor bytes, back to back
 
 The header lists each tensor's name, Open Inference Protocol datatype, shape, offset and byte count,
-or holds {"error": {"code": ..., "message": ...}}. Decoding makes no copy: arrays are views on the message.
+or holds {"error": {"code": ..., "message": ...}}. Decoding a numeric tensor makes no copy: the array is a view on
+the message. A BYTES tensor (in Python an object array of `bytes`, e.g. one encoded image file per row) travels
+in the protocol's own serialisation, which `serialize_bytes` and `deserialize_bytes` write and read for the
+front door too: per element a 4-byte little-endian length, then that many bytes.
 This file imports only numpy and the standard library, because it ships inside the model archive.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import struct
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -21,7 +25,7 @@ import numpy as np
 MAGIC = b"GSv1"
 _LEN = struct.Struct("<I")
 
-# Open Inference Protocol datatype -> little-endian numpy dtype (BYTES is not a tensor type we serve).
+# Open Inference Protocol datatype -> little-endian numpy dtype, for the fixed-size types (BYTES: see BYTES below).
 DATATYPES: dict[str, np.dtype] = {
     "BOOL": np.dtype("?"),
     "UINT8": np.dtype("<u1"),
@@ -37,6 +41,8 @@ DATATYPES: dict[str, np.dtype] = {
     "FP64": np.dtype("<f8"),
 }
 _NAMES = {dtype: name for name, dtype in DATATYPES.items()}
+BYTES = "BYTES"  # variable-length elements: a numpy object array whose elements are bytes
+BYTES_FORMAT = "each element is a 4-byte little-endian length, then that many bytes"
 
 # Error codes carried in payloads; the front door maps them to gRPC and HTTP statuses.
 INVALID_ARGUMENT = "INVALID_ARGUMENT"
@@ -63,18 +69,64 @@ class Message:
 
 
 def datatype_of(dtype: np.dtype) -> str:
-    """The protocol's name for a numpy dtype, e.g. float32 -> "FP32"."""
+    """The protocol's name for a numpy dtype, e.g. float32 -> "FP32"; object (and numpy's bytes and str) -> BYTES."""
+    dtype = np.dtype(dtype)
+    if dtype.kind in "OSU":
+        return BYTES
     try:
-        return _NAMES[np.dtype(dtype).newbyteorder("=")]
+        return _NAMES[dtype.newbyteorder("=")]
     except KeyError:
         raise CodecError(f"dtype {dtype} has no Open Inference Protocol datatype") from None
 
 
 def dtype_of(datatype: str) -> np.dtype:
+    """The numpy dtype of a protocol datatype, e.g. "FP32" -> little-endian float32; "BYTES" -> object."""
+    if datatype == BYTES:
+        return np.dtype(object)
     try:
         return DATATYPES[datatype]
     except KeyError:
-        raise CodecError(f"unsupported datatype {datatype!r}; use one of {sorted(DATATYPES)}") from None
+        raise CodecError(f"unsupported datatype {datatype!r}; use one of {[*DATATYPES, BYTES]}") from None
+
+
+def serialize_bytes(array: np.ndarray) -> bytes:
+    """A BYTES tensor's elements in row-major order, each as its 4-byte little-endian length then its bytes
+    (str elements as UTF-8)."""
+    chunks = []
+    for i, element in enumerate(np.asarray(array).ravel()):
+        if isinstance(element, str):
+            element = element.encode()
+        elif isinstance(element, bytearray | memoryview):
+            element = bytes(element)
+        elif not isinstance(element, bytes):
+            raise CodecError(f"BYTES element {i} is a {type(element).__name__}; elements must be bytes or str")
+        chunks += (_LEN.pack(len(element)), element)
+    return b"".join(chunks)
+
+
+def deserialize_bytes(data: bytes | bytearray | memoryview, count: int) -> np.ndarray:
+    """The `count` elements of a serialised BYTES tensor as a 1-D object array of bytes, or CodecError when
+    `data` is not exactly `count` elements in the protocol's form."""
+    view = memoryview(data).cast("B")
+    if count * _LEN.size > len(view):  # checked first: a huge shape must not allocate a huge array
+        raise CodecError(f"BYTES data of {len(view)} bytes cannot hold {count} elements ({BYTES_FORMAT}, "
+                         f"so at least {count * _LEN.size} bytes)")
+    out = np.empty(count, dtype=object)
+    at = 0
+    for i in range(count):
+        if at + _LEN.size > len(view):
+            raise CodecError(f"BYTES data ends inside the length of element {i} of {count}; {BYTES_FORMAT}")
+        (size,) = _LEN.unpack_from(view, at)
+        at += _LEN.size
+        if at + size > len(view):
+            raise CodecError(f"BYTES element {i} of {count} declares {size} bytes but only {len(view) - at} "
+                             f"remain; {BYTES_FORMAT}")
+        out[i] = bytes(view[at:at + size])
+        at += size
+    if at != len(view):
+        raise CodecError(f"BYTES data has {len(view) - at} bytes left over after its {count} elements; "
+                         f"{BYTES_FORMAT}")
+    return out
 
 
 def encode(tensors: Mapping[str, np.ndarray]) -> bytes:
@@ -82,7 +134,10 @@ def encode(tensors: Mapping[str, np.ndarray]) -> bytes:
     for name, array in tensors.items():
         array = np.asarray(array)
         datatype = datatype_of(array.dtype)
-        data = np.ascontiguousarray(array, dtype=DATATYPES[datatype]).reshape(-1).view(np.uint8)  # no copy
+        if datatype == BYTES:
+            data: bytes | np.ndarray = serialize_bytes(array)
+        else:
+            data = np.ascontiguousarray(array, dtype=DATATYPES[datatype]).reshape(-1).view(np.uint8)  # no copy
         entries.append(
             {"name": name, "datatype": datatype, "shape": list(array.shape), "offset": offset, "nbytes": len(data)}
         )
@@ -126,14 +181,21 @@ def decode(data: bytes | bytearray | memoryview) -> Message:
 
 def _tensor(body: memoryview, entry: dict) -> np.ndarray:
     name = entry.get("name")
-    dtype = dtype_of(entry.get("datatype", ""))
+    datatype = entry.get("datatype", "")
+    dtype = dtype_of(datatype)
     shape = entry.get("shape")
     if not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape):
         raise CodecError(f"tensor {name!r}: shape must be a list of non-negative integers, got {shape!r}")
     offset, nbytes = int(entry.get("offset", -1)), int(entry.get("nbytes", -1))
-    expected = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
-    if nbytes != expected:
-        raise CodecError(f"tensor {name!r}: shape {shape} of {entry['datatype']} needs {expected} bytes, got {nbytes}")
-    if offset < 0 or offset + nbytes > len(body):
+    if offset < 0 or nbytes < 0 or offset + nbytes > len(body):
         raise CodecError(f"tensor {name!r}: its bytes run past the end of the payload")
-    return np.frombuffer(body, dtype=dtype, count=nbytes // dtype.itemsize, offset=offset).reshape(shape)
+    count = math.prod(shape)
+    if datatype == BYTES:
+        try:
+            return deserialize_bytes(body[offset:offset + nbytes], count).reshape(shape)
+        except CodecError as e:
+            raise CodecError(f"tensor {name!r}: {e}") from None
+    if nbytes != count * dtype.itemsize:
+        raise CodecError(f"tensor {name!r}: shape {shape} of {datatype} needs {count * dtype.itemsize} bytes, "
+                         f"got {nbytes}")
+    return np.frombuffer(body, dtype=dtype, count=count, offset=offset).reshape(shape)

@@ -1,8 +1,11 @@
 """TorchServe custom handler: validate each request on its own, run the valid ones in one eval-mode forward.
 
 Requests and responses are `handlers.codec` messages (see ARCHITECTURE.md); this file knows no transport.
-The archive ships it beside `handlers/codec.py`, `handlers/manifest.py`, `training/model.py`, `weights.pt` and
-`gradserve.json`.
+The archive ships it beside the rest of handlers/ (codec, manifest, factory, preprocess), the model's code
+(training/model.py for the built-in ConvNet, or the user's module or package), `weights.pt` and
+`gradserve.json`. A request carries exactly one of the model's inputs: `input` (the preprocessed tensor) or, for
+an image model, `image` (one encoded file per row, decoded and resized here exactly as in training); an element
+that does not decode fails its own request and no other.
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ import hashlib
 import inspect
 import logging
 import os
+import sys
 from collections import Counter
 from collections.abc import Sequence
 from itertools import accumulate
@@ -22,49 +26,45 @@ import torch
 from ts.torch_handler.base_handler import BaseHandler
 
 from handlers import codec
+from handlers.factory import ModelSpec
 from handlers.manifest import InvalidRows, Manifest, validate_rows
-from training.model import build_model
+from handlers.preprocess import ImageError, Preprocess
 
 logger = logging.getLogger(__name__)
 
-# A request is either its validated input rows or the error payload that answers it.
+# A request is either its validated input rows (the model's input tensor, unstandardised) or the error payload
+# that answers it.
 Parsed = np.ndarray | bytes
 
 
-class DigitsHandler(BaseHandler):
+class GradserveHandler(BaseHandler):
     def initialize(self, context: Any) -> None:
         props = context.system_properties
         model_dir = Path(props["model_dir"])
         self.manifest = Manifest.read(model_dir)
-        weights = model_dir / self.manifest.weights_file
-        digest = hashlib.sha256(weights.read_bytes()).hexdigest()
-        if digest != self.manifest.weights_sha256:
-            raise RuntimeError(f"{weights.name} has sha256 {digest}, the manifest says "
-                               f"{self.manifest.weights_sha256}: refusing weights that were altered; repackage")
-
+        verify(model_dir, self.manifest)
         gpu_id = props.get("gpu_id")
         use_cuda = gpu_id is not None and torch.cuda.is_available()
         self.device = torch.device(f"cuda:{gpu_id}" if use_cuda else "cpu")
-        # Workers of one model share the cores: workers x threads must not oversubscribe them. A small model
-        # runs fastest on one thread (OpenMP's spinning costs more than it gains); model-config.yaml's
-        # handler.torch_threads says how many, capped by that share.
-        yaml_config = getattr(context, "model_yaml_config", None) or {}
-        share = max(1, len(os.sched_getaffinity(0)) // max(1, int(yaml_config.get("maxWorkers", 1))))
-        wanted = (yaml_config.get("handler") or {}).get("torch_threads") or share
-        torch.set_num_threads(min(int(wanted), share))
+        torch.set_num_threads(thread_budget(getattr(context, "model_yaml_config", None) or {}))
 
-        model = build_model(self.manifest.model_config)
+        if str(model_dir) not in sys.path:  # the archive's root: the model's code (TorchServe puts it there too)
+            sys.path.insert(0, str(model_dir))
+        model = ModelSpec.from_dict(self.manifest.model_config).build()
+        weights = model_dir / self.manifest.weights_file
         model.load_state_dict(torch.load(weights, map_location=self.device, weights_only=True))
         self.model = model.to(self.device).eval()
         if any(m.training for m in self.model.modules()):
             raise RuntimeError("a module is still in training mode after eval()")
-
+        self.transform = Preprocess.from_dict(self.manifest.preprocess)  # the input contract and its statistics
+        self.class_names = np.array([name.encode() for name in self.manifest.labels], dtype=object)
         self.batch_sizes: Counter[int] = Counter()  # requests per handle() call, as TorchServe batched them
         with torch.inference_mode():
-            self.model(torch.zeros((2, *self.manifest.input.row_shape), device=self.device))  # warm-up
+            self.model(torch.zeros((2, *self.transform.in_shape), device=self.device))  # warm-up
         self.initialized = True
-        logger.info("gradserve handler ready: %s v%s on %s, %d threads, model code %s", self.manifest.name,
-                    self.manifest.version, self.device, torch.get_num_threads(), inspect.getfile(build_model))
+        logger.info("gradserve handler ready: %s v%s (%s) on %s, %d threads, model code %s", self.manifest.name,
+                    self.manifest.version, self.manifest.task, self.device, torch.get_num_threads(),
+                    inspect.getfile(type(self.model)))
 
     def handle(self, data: list[dict[str, Any]], context: Any) -> list[bytes]:
         self.context = context
@@ -74,38 +74,75 @@ class DigitsHandler(BaseHandler):
         logger.info("gradserve batch: %d requests, %d rows", len(data), sum(len(r) for r in rows))
         if not rows:
             return [p for p in parsed if isinstance(p, bytes)]
-        x = torch.from_numpy(np.concatenate(rows))  # (N, C, H, W): the one copy of the inputs
+        x = torch.from_numpy(np.concatenate(rows))  # (N, *in_shape): the one copy of the inputs
         answers = iter(self.postprocess(self.inference(x), [len(r) for r in rows]))
         return [next(answers) if isinstance(p, np.ndarray) else p for p in parsed]
 
     def preprocess(self, data: list[dict[str, Any]]) -> list[Parsed]:
-        return [self._validate(request) for request in data]
+        return [self._parse(request) for request in data]
 
-    def inference(self, data: torch.Tensor, *args: Any, **kwargs: Any) -> dict[str, torch.Tensor]:
-        """The class head as logits/label/probabilities, and every extra head (multi-task) by its name."""
+    def inference(self, data: torch.Tensor, *args: Any, **kwargs: Any) -> dict[str, torch.Tensor | np.ndarray]:
+        """The model's outputs for the task: classification logits/label/probabilities/class_name (and every
+        extra head of a multi-task model by its name); regression `prediction` in the targets' own units."""
         with torch.inference_mode():
-            heads = self.model.forward_all(data.to(self.device, non_blocking=True))  # {"logits": (N, K), ...}
-            logits = heads.pop("logits")
-            return {"logits": logits, "label": logits.argmax(dim=1), "probabilities": logits.softmax(dim=1), **heads}
+            x = self.transform.standardize(data.to(self.device, non_blocking=True))
+            forward_all = getattr(self.model, "forward_all", None)
+            heads = forward_all(x) if callable(forward_all) else {"logits": self.model(x)}  # {"logits": (N, K)}
+            out = heads.pop("logits")
+            if self.manifest.task == "regression":
+                return {"prediction": self.transform.unstandardize_target(out.float())}
+            label = out.argmax(dim=1)
+            return {"logits": out, "label": label, "probabilities": out.softmax(dim=1),
+                    "class_name": self.class_names[label.cpu().numpy()], **heads}
 
-    def postprocess(self, data: dict[str, torch.Tensor], row_counts: Sequence[int] = ()) -> list[bytes]:
+    def postprocess(self, data: dict[str, Any], row_counts: Sequence[int] = ()) -> list[bytes]:
         """Split the batch's outputs back into one encoded response per request of `row_counts` rows."""
-        arrays = {name: t.cpu().numpy() for name, t in data.items()}
-        ends = list(accumulate(row_counts or [len(arrays["label"])]))
+        arrays = {name: t.cpu().numpy() if isinstance(t, torch.Tensor) else t for name, t in data.items()}
+        ends = list(accumulate(row_counts or [len(next(iter(arrays.values())))]))
         return [codec.encode({name: a[start:end] for name, a in arrays.items()})  # row slices are views
                 for start, end in zip([0, *ends[:-1]], ends, strict=True)]
 
-    def _validate(self, request: dict[str, Any]) -> Parsed:
+    def _parse(self, request: dict[str, Any]) -> Parsed:
         payload = request.get("data") or request.get("body")
         if not isinstance(payload, bytes | bytearray):
-            return self._invalid("the request must carry a handlers.codec message as raw bytes "
-                                 f"in 'data' or 'body', got {type(payload).__name__}")
+            return _invalid("the request must carry a handlers.codec message as raw bytes "
+                            f"in 'data' or 'body', got {type(payload).__name__}")
         try:
-            message = codec.decode(payload)
-            return validate_rows(self.manifest, message.tensors)[1]
-        except (codec.CodecError, InvalidRows) as e:
-            return self._invalid(str(e))
+            name, x = validate_rows(self.manifest, codec.decode(payload).tensors)
+            return self._images(x) if name == "image" else x
+        except (codec.CodecError, InvalidRows, ImageError) as e:
+            return _invalid(str(e))
 
-    @staticmethod
-    def _invalid(message: str) -> bytes:
-        return codec.encode_error(codec.INVALID_ARGUMENT, message)
+    def _images(self, files: np.ndarray) -> np.ndarray:
+        """Encoded image files -> (N, C, H, W) pixels in [0, 1], as training read them."""
+        rows = []
+        for i, data in enumerate(files):
+            try:
+                rows.append(self.transform.decode(data))
+            except ImageError as e:
+                raise ImageError(f"image {i} of the request: {e}") from None
+        return np.stack(rows)
+
+
+def _invalid(message: str) -> bytes:
+    return codec.encode_error(codec.INVALID_ARGUMENT, message)
+
+
+def verify(model_dir: Path, manifest: Manifest) -> None:
+    """Refuse weights or model code that are not what was packaged (their sha256 is in the manifest)."""
+    for relative, expected in {manifest.weights_file: manifest.weights_sha256, **manifest.code}.items():
+        path = model_dir / relative
+        digest = hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else "missing"
+        if digest != expected:
+            what = "weights" if relative == manifest.weights_file else "model code"
+            raise RuntimeError(f"{relative} has sha256 {digest}, the manifest says {expected}: refusing {what} that "
+                               "were altered; repackage")
+
+
+def thread_budget(yaml_config: dict[str, Any]) -> int:
+    """Torch threads for one worker. Workers of one model share the cores: workers x threads must not
+    oversubscribe them. A small model runs fastest on one thread (OpenMP's spinning costs more than it gains);
+    model-config.yaml's handler.torch_threads says how many, capped by that share."""
+    share = max(1, len(os.sched_getaffinity(0)) // max(1, int(yaml_config.get("maxWorkers", 1))))
+    wanted = (yaml_config.get("handler") or {}).get("torch_threads") or share
+    return min(int(wanted), share)

@@ -13,7 +13,7 @@ from pathlib import Path
 from types import SimpleNamespace, TracebackType
 from typing import Any
 
-from handlers.handler import DigitsHandler
+from handlers.handler import GradserveHandler
 from handlers.manifest import Manifest
 
 
@@ -41,7 +41,7 @@ class LocalModel:
         model_dir = unpack(archive, Path(self._dir.name))
         self.manifest = Manifest.read(model_dir)
         self.context = context(model_dir, max_workers=max_workers)
-        self.handler = DigitsHandler()
+        self.handler = GradserveHandler()
         try:
             self.handler.initialize(self.context)
         except BaseException:

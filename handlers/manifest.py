@@ -21,7 +21,7 @@ import numpy as np
 from handlers import codec
 
 FILE = "gradserve.json"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: any model's factory, its preprocessing, task, code files
 
 
 class ManifestError(ValueError):
@@ -65,9 +65,9 @@ class Manifest:
     weights_file: str
     weights_sha256: str
     max_rows: int = 1024
-    labels: tuple[str, ...] = ()
+    labels: tuple[str, ...] = ()  # class names (classification) or target names (regression)
     platform: str = "pytorch_torchserve"
-    input_scale: str = ""  # the input contract in words
+    input_scale: str = ""  # the input contract in words (handlers/preprocess.py's Preprocess.describe)
     model_config: dict[str, Any] = field(default_factory=dict)  # rebuilds the module
     selection: dict[str, Any] = field(default_factory=dict)  # the rule's choice, with its record
     rule: dict[str, Any] = field(default_factory=dict)
@@ -77,6 +77,9 @@ class Manifest:
     training_config: dict[str, Any] = field(default_factory=dict)
     source: dict[str, Any] = field(default_factory=dict)  # the checkpoint the weights came from
     tasks: tuple[dict[str, Any], ...] = ()  # multi-task models: what each output predicts
+    task: str = "classification"  # classification | regression
+    preprocess: dict[str, Any] = field(default_factory=dict)  # handlers/preprocess.py's Preprocess, as a dict
+    code: dict[str, str] = field(default_factory=dict)  # the model's code files in the archive -> sha256
     format_version: int = FORMAT_VERSION
 
     # --- reading and writing ---------------------------------------------------------------------------------
@@ -91,6 +94,7 @@ class Manifest:
             "allow_fallback": self.allow_fallback,
             "weights": {"file": self.weights_file, "sha256": self.weights_sha256},
             "model_config": self.model_config, "training_config": self.training_config, "source": self.source,
+            "task": self.task, "preprocess": self.preprocess, "code": self.code,
         }
         if self.tasks:
             d["tasks"] = list(self.tasks)
@@ -114,7 +118,9 @@ class Manifest:
                 rule=dict(d.get("rule") or {}), baseline_loss=_optional_float(d.get("baseline_loss")),
                 rule_satisfied=bool(d.get("rule_satisfied", True)), allow_fallback=bool(d.get("allow_fallback")),
                 training_config=dict(d.get("training_config") or {}), source=dict(d.get("source") or {}),
-                tasks=tuple(d.get("tasks") or ()),
+                tasks=tuple(d.get("tasks") or ()), task=str(d.get("task", "classification")),
+                preprocess=dict(d.get("preprocess") or {}),
+                code={str(k): str(v) for k, v in (d.get("code") or {}).items()},
             )
         except (KeyError, TypeError, ValueError) as e:
             if isinstance(e, ManifestError):
@@ -159,9 +165,12 @@ class Manifest:
         props.update({f"rule.{k}": v for k, v in self.rule.items()})
         props.update({"baseline_loss": self.baseline_loss, "rule_satisfied": self.rule_satisfied,
                       "allow_fallback": self.allow_fallback, "weights_sha256": self.weights_sha256,
-                      "labels": ",".join(self.labels)})
+                      "labels": ",".join(self.labels), "task": self.task,
+                      # lists as JSON text: a name may hold a comma
+                      "class_names" if self.task == "classification" else "target_names": json.dumps(self.labels),
+                      "feature_names": json.dumps(self.preprocess.get("feature_names", []))})
         if self.input_scale:
-            props["input_scale"] = self.input_scale
+            props["input_scale"] = self.input_scale  # the input contract in words
         return {k: v for k, v in props.items() if isinstance(v, str | int | float | bool)}
 
 
@@ -198,7 +207,7 @@ def _optional_float(value: Any) -> float | None:
 
 
 def _datatype(dtype: np.dtype) -> str:
-    if dtype == object:
+    if np.dtype(dtype).kind == "O":
         return "BYTES"
     try:
         return codec.datatype_of(dtype)

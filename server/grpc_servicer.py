@@ -30,7 +30,7 @@ Handler = Callable[[Any, Request, grpc.aio.ServicerContext, metrics.Observation]
 CONTENTS_FIELD = {
     "BOOL": "bool_contents", "INT8": "int_contents", "INT16": "int_contents", "INT32": "int_contents",
     "INT64": "int64_contents", "UINT8": "uint_contents", "UINT16": "uint_contents", "UINT32": "uint_contents",
-    "UINT64": "uint64_contents", "FP32": "fp32_contents", "FP64": "fp64_contents",
+    "UINT64": "uint64_contents", "FP32": "fp32_contents", "FP64": "fp64_contents", "BYTES": "bytes_contents",
 }
 
 
@@ -148,7 +148,8 @@ def parameter(value: str | int | float | bool) -> pb.InferParameter:
 
 
 def decode_inputs(request: pb.ModelInferRequest) -> dict[str, np.ndarray]:
-    """The request's input tensors, from raw_input_contents (zero-copy views) or typed contents."""
+    """The request's input tensors, from raw_input_contents (zero-copy views; BYTES length-prefixed) or typed
+    contents."""
     raw = request.raw_input_contents
     if raw and len(raw) != len(request.inputs):
         raise InvalidInput(f"raw_input_contents has {len(raw)} entries for {len(request.inputs)} inputs; "
@@ -175,8 +176,9 @@ def _decode_input(tensor: pb.ModelInferRequest.InferInputTensor, raw: bytes | No
 
 
 def encode_outputs(manifest: Manifest, request_id: str, outputs: dict[str, np.ndarray]) -> pb.ModelInferResponse:
+    """Every output in raw_output_contents (BYTES length-prefixed), as Triton's clients expect."""
     response = pb.ModelInferResponse(model_name=manifest.name, model_version=manifest.version, id=request_id)
     for name, array in outputs.items():
         response.outputs.add(name=name, datatype=codec.datatype_of(array.dtype), shape=array.shape)
-        response.raw_output_contents.append(np.ascontiguousarray(array).tobytes())
+        response.raw_output_contents.append(oip.to_raw(array))
     return response

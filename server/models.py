@@ -29,9 +29,6 @@ def load_registry(model_store: Path) -> dict[str, ServedModel]:
             manifest = Manifest.from_archive(archive)
         except ManifestError as e:
             raise UsageError(f"{e}; remove it from {model_store} or repackage it") from None
-        if len(manifest.inputs) != 1:
-            raise UsageError(f"{archive}: model {manifest.name!r} declares {len(manifest.inputs)} inputs; "
-                             "the front door serves one")
         registered = archive_model_name(archive)
         if registered != manifest.name:
             raise UsageError(f"{archive}: TorchServe registers it as {registered!r} but its gradserve.json names "

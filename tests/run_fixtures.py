@@ -14,8 +14,8 @@ import numpy as np
 import torch
 from sklearn.datasets import load_digits
 
+from handlers.factory import ModelSpec
 from training.config import ModelSection, TrainConfig
-from training.model import build_model
 from training.train import train
 
 _TRAINED: dict[tuple[int, str], Path] = {}
@@ -36,7 +36,7 @@ def make_run(runs_dir: Path, name: str = "digits", seed: int = 0, norm: str = "b
         scratch = Path(tempfile.mkdtemp(prefix="gradserve-run-"))
         atexit.register(shutil.rmtree, scratch, True)
         config = TrainConfig(name="run", runs_dir=str(scratch), seed=seed, epochs=6, eval_every=20, patience=None,
-                             threads=1, progress=False, model=ModelSection(norm=norm))
+                             threads=1, progress=False, model=ModelSection(args={**ModelSection().args, "norm": norm}))
         _TRAINED[key] = train(config)
     run = runs_dir / name
     shutil.copytree(_TRAINED[key], run)
@@ -48,6 +48,6 @@ def selected_model(run: Path) -> torch.nn.Module:
     selection = json.loads((run / "selection.json").read_text())
     path = run / selection["checkpoints"][selection["selection"]["index"]]
     checkpoint = torch.load(path, weights_only=True)
-    model = build_model(checkpoint["model_config"])
+    model = ModelSpec.from_dict(checkpoint["model_config"]).build()
     model.load_state_dict(checkpoint["state_dict"])
     return model.eval()

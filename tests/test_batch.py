@@ -68,7 +68,8 @@ def reference_logits(archive: Path, rows: np.ndarray) -> np.ndarray:
     async def go() -> np.ndarray:
         transport = LocalTransport(archive)
         try:
-            return np.concatenate([await transport.infer(rows[i:i + 1000]) for i in range(0, len(rows), 1000)])
+            return np.concatenate([(await transport.infer("input", rows[i:i + 1000])).values
+                                   for i in range(0, len(rows), 1000)])
         finally:
             await transport.close()
 

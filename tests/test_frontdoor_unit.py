@@ -5,15 +5,21 @@ on free ports."""
 from __future__ import annotations
 
 import asyncio
+import base64
+import gzip
 import json
 import logging
+import struct
 import time
+import zlib
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import grpc
 import httpx
 import numpy as np
 import pytest
+from fastapi import FastAPI
 
 from client.grpc_client import Client, decode, request
 from gradserve.config import build
@@ -41,10 +47,35 @@ MANIFEST = {
     "selection": {"step": 300, "rule_satisfied": True, "record": {"step": 300, "grad_norm": 0.5}},
     "weights": {"file": "weights.pt", "sha256": "ab" * 32},
 }
+# An image model: rows come as pixels or as encoded files (one BYTES element per row); it names each row's class.
+FILES_MANIFEST = {
+    **MANIFEST, "name": "files",
+    "inputs": [{"name": "input", "datatype": "FP32", "shape": [-1, 1, 8, 8]},
+               {"name": "image", "datatype": "BYTES", "shape": [-1]}],
+    "outputs": [{"name": "label", "datatype": "INT64", "shape": [-1]},
+                {"name": "class_name", "datatype": "BYTES", "shape": [-1]}],
+}
 
 
 def fake_logits(rows: np.ndarray) -> np.ndarray:
     return rows.reshape(len(rows), -1)[:, :10] * 2 + 1  # (N, 10), a function of each row alone
+
+
+def objects(*elements: bytes) -> np.ndarray:
+    """A BYTES tensor: a 1-D object array of bytes (np.array would make a fixed-width bytes array)."""
+    x = np.empty(len(elements), dtype=object)
+    x[:] = elements
+    return x
+
+
+def fake_files_outputs(tensors: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The image model's answer: for a file, its length and b"got:" + the file; for pixels, the label."""
+    if "image" in tensors:
+        images = tensors["image"]
+        return {"label": np.array([len(v) for v in images], np.int64),
+                "class_name": objects(*(b"got:" + v for v in images))}
+    label = fake_logits(tensors["input"]).argmax(1).astype(np.int64)
+    return {"label": label, "class_name": objects(*(b"digit %d" % v for v in label))}
 
 
 class FakeTorchServe:
@@ -68,11 +99,14 @@ class FakeTorchServe:
         self._listeners.append(listener)
 
     async def predict(self, model: str, payload: bytes, deadline: float) -> bytes:
-        rows = codec.decode(payload).tensors["input"]
+        tensors = codec.decode(payload).tensors
+        ((_, rows),) = tensors.items()
         self.calls.append(len(rows))
         await asyncio.sleep(self.delay)
         if self.fail is not None:
             raise self.fail
+        if model == "files":
+            return codec.encode(fake_files_outputs(tensors))
         if (rows == -1).any():  # a poisoned row the door let through: the handler refuses the whole call
             return codec.encode_error(codec.INVALID_ARGUMENT, "row with -1")
         logits = fake_logits(rows)
@@ -84,8 +118,10 @@ def registry() -> dict[str, ServedModel]:
 
 
 def fake_backend(config: ServeConfig, **fake: object) -> tuple[Backend, FakeTorchServe]:
+    """The digits model and the image model behind the real Backend, on a fake TorchServe."""
     torchserve = FakeTorchServe(**fake)  # type: ignore[arg-type]
-    return Backend(config, registry(), torchserve), torchserve
+    models = {**registry(), "files": ServedModel(Manifest.from_dict(FILES_MANIFEST), Path("files.mar"))}
+    return Backend(config, models, torchserve), torchserve
 
 
 # --- the error table ------------------------------------------------------------------------------------------
@@ -378,5 +414,240 @@ def test_rest_routes_and_error_statuses() -> None:
             assert "/v2/models/{model}/infer" in (await http.get("/openapi.json")).json()["paths"]
             metrics = (await http.get("/metrics", headers=auth)).text
             assert 'protocol="rest",status="NOT_FOUND"' in metrics
+
+    asyncio.run(main())
+
+
+# --- BYTES tensors (encoded files) and the REST wire formats ---------------------------------------------------
+
+PNG = b"\x89PNG\r\n\x1a\n\x00\xff binary \x00"  # not UTF-8: only raw (binary) transports carry it back
+AUTH = (("authorization", "Bearer t0k"),)
+
+
+def test_grpc_bytes_inputs_raw_and_typed_and_bytes_outputs_raw() -> None:
+    async def body(torchserve: FakeTorchServe, target: str) -> None:
+        images = objects(PNG, "ünïcode ✓".encode(), b"x" * 1000)
+        async with Client(target, token="t0k") as client:
+            out = await client.infer("files", images, input_name="image")
+            assert out["class_name"].dtype == object and out["class_name"].shape == (3,)
+            assert list(out["class_name"]) == [b"got:" + v for v in images]
+            assert list(out["label"]) == [len(v) for v in images]
+            pixels = np.random.default_rng(3).random((2, 1, 8, 8), dtype=np.float32)  # the model's other input
+            out = await client.infer("files", pixels)
+            assert list(out["class_name"]) == [b"digit %d" % v for v in fake_logits(pixels).argmax(1)]
+            empty = await code_of(client.infer("files", objects(PNG, b""), input_name="image"))
+            assert empty == grpc.StatusCode.INVALID_ARGUMENT  # an empty file is no image
+        async with grpc.aio.insecure_channel(target) as channel:
+            stub = pb_grpc.GRPCInferenceServiceStub(channel)
+            typed = pb.ModelInferRequest(model_name="files")
+            typed.inputs.add(name="image", datatype="BYTES", shape=[2]).contents.bytes_contents.extend([PNG, b"b"])
+            np.testing.assert_array_equal(decode(await stub.ModelInfer(typed, metadata=AUTH))["class_name"],
+                                          objects(b"got:" + PNG, b"got:b"))
+            for shape, raw in [([3], codec.serialize_bytes(objects(PNG, b"b"))),  # 2 elements for a shape of 3
+                               ([1], PNG)]:  # not length-prefixed
+                bad = pb.ModelInferRequest(model_name="files", raw_input_contents=[raw])
+                bad.inputs.add(name="image", datatype="BYTES", shape=shape)
+                with pytest.raises(grpc.aio.AioRpcError) as caught:
+                    await stub.ModelInfer(bad, metadata=AUTH)
+                assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+                assert "4-byte little-endian length" in caught.value.details()
+            answer = await stub.ModelInfer(request("files", objects(b"next"), input_name="image"),
+                                          metadata=AUTH)  # still serving
+            assert decode(answer)["class_name"].tolist() == [b"got:next"]
+
+    run_with_server(CONFIG, body)
+
+
+def binary_request(request: dict, *chunks: bytes) -> tuple[bytes, dict[str, str]]:
+    """A body in Triton's binary tensor data extension, and its headers."""
+    head = json.dumps(request).encode()
+    return head + b"".join(chunks), {"authorization": "Bearer t0k", "inference-header-content-length": str(len(head))}
+
+
+def read_binary_response(response: httpx.Response) -> tuple[dict, dict[str, bytes]]:
+    """The JSON part of an answer in the binary extension, and each binary output's raw bytes."""
+    n = int(response.headers["inference-header-content-length"])
+    head, raw, at = json.loads(response.content[:n]), {}, n
+    for output in head["outputs"]:
+        size = (output.get("parameters") or {}).get("binary_data_size")
+        if size is not None:
+            raw[output["name"]], at = response.content[at:at + size], at + size
+    assert at == len(response.content)
+    return head, raw
+
+
+def rest_app() -> FastAPI:
+    return create_app(CONFIG, fake_backend(CONFIG)[0])
+
+
+async def post(http: httpx.AsyncClient, model: str, body: dict | bytes, headers: dict | None = None) -> httpx.Response:
+    content = body if isinstance(body, bytes) else json.dumps(body).encode()
+    return await http.post(f"/v2/models/{model}/infer", content=content,
+                           headers=headers or {"authorization": "Bearer t0k"})
+
+
+def test_rest_bytes_as_text_and_base64_and_a_body_without_content_type() -> None:
+    async def main() -> None:
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=rest_app()), base_url="http://t") as http:
+            text = {"inputs": [{"name": "image", "shape": [2], "datatype": "BYTES", "data": ["a.png", "数字"]}]}
+            answer = await post(http, "files", text)
+            assert "content-type" not in answer.request.headers  # as tritonclient.http sends it
+            assert answer.status_code == 200 and answer.headers["content-type"] == "application/json"
+            outputs = {o["name"]: o for o in answer.json()["outputs"]}
+            assert outputs["class_name"] == {"name": "class_name", "datatype": "BYTES", "shape": [2],
+                                             "data": ["got:a.png", "got:数字"]}
+            assert outputs["label"]["data"] == [5, len("数字".encode())]
+            files = ["ünïcode ✓".encode(), b"GIF89a"]
+            encoded = {"inputs": [{"name": "image", "shape": [2], "datatype": "BYTES", "data": [
+                base64.b64encode(f).decode() for f in files], "parameters": {"content_type": "base64"}}]}
+            answer = await post(http, "files", encoded)
+            assert [o["data"] for o in answer.json()["outputs"]][1] == ["got:ünïcode ✓", "got:GIF89a"]
+            encoded["inputs"][0]["data"][1] = "not base64!"
+            answer = await post(http, "files", encoded)
+            assert answer.status_code == 400
+            assert "input 'image': element 1 is not valid base64" in answer.json()["error"]
+            not_utf8 = base64.b64encode(PNG).decode()  # the echo is not text: JSON cannot carry it back
+            answer = await post(http, "files", {"inputs": [{"name": "image", "shape": [1], "datatype": "BYTES",
+                                                            "data": [not_utf8],
+                                                            "parameters": {"content_type": "base64"}}]})
+            assert answer.status_code == 400 and "binary_data" in answer.json()["error"]
+            numbers = {"inputs": [{"name": "image", "shape": [1], "datatype": "BYTES", "data": [3]}]}
+            assert "BYTES values are strings" in (await post(http, "files", numbers)).json()["error"]
+
+    asyncio.run(main())
+
+
+def test_rest_binary_extension_inputs_and_outputs() -> None:
+    async def main() -> None:
+        x = np.random.default_rng(4).random((2, 1, 8, 8), dtype=np.float32)
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=rest_app()), base_url="http://t") as http:
+            # FP32 in binary, every output in binary (what tritonclient.http sends by default)
+            body, headers = binary_request({"id": "b1", "parameters": {"binary_data_output": True}, "inputs": [
+                {"name": "input", "shape": [2, 1, 8, 8], "datatype": "FP32",
+                 "parameters": {"binary_data_size": x.nbytes}}]}, x.tobytes())
+            answer = await post(http, "digits", body, headers)
+            assert answer.status_code == 200 and answer.headers["content-type"] == "application/octet-stream"
+            head, raw = read_binary_response(answer)
+            assert head["id"] == "b1" and set(raw) == {"logits", "label"}
+            np.testing.assert_array_equal(np.frombuffer(raw["logits"], "<f4").reshape(2, 10), fake_logits(x))
+            np.testing.assert_array_equal(np.frombuffer(raw["label"], "<i8"), fake_logits(x).argmax(1))
+            # BYTES in binary; one output binary, the other JSON (an output's own choice overrides the default)
+            files = objects(PNG, b"second file")
+            serialized = codec.serialize_bytes(files)
+            body, headers = binary_request({"inputs": [
+                {"name": "image", "shape": [2], "datatype": "BYTES",
+                 "parameters": {"binary_data_size": len(serialized)}}],
+                "outputs": [{"name": "class_name", "parameters": {"binary_data": True}},
+                            {"name": "label", "parameters": {"binary_data": False}}]}, serialized)
+            head, raw = read_binary_response(await post(http, "files", body, headers))
+            assert [o["name"] for o in head["outputs"]] == ["class_name", "label"]
+            assert head["outputs"][0]["datatype"] == "BYTES" and head["outputs"][1]["data"] == [len(PNG), 11]
+            assert codec.deserialize_bytes(raw["class_name"], 2).tolist() == [b"got:" + PNG, b"got:second file"]
+            # binary inputs with JSON outputs: a plain JSON answer
+            body, headers = binary_request({"inputs": [
+                {"name": "input", "shape": [2, 1, 8, 8], "datatype": "FP32",
+                 "parameters": {"binary_data_size": x.nbytes}}]}, x.tobytes())
+            answer = await post(http, "digits", body, headers)
+            assert "inference-header-content-length" not in answer.headers
+            np.testing.assert_allclose(np.reshape(answer.json()["outputs"][0]["data"], (2, 10)), fake_logits(x),
+                                       rtol=1e-6)
+
+    asyncio.run(main())
+
+
+X1 = np.ones((1, 1, 8, 8), np.float32)
+FP32_BINARY = {"name": "input", "shape": [1, 1, 8, 8], "datatype": "FP32", "parameters": {"binary_data_size": 256}}
+
+
+@pytest.mark.parametrize(("body", "header", "words"), [
+    (b'{"inputs": []}', "999", "Inference-Header-Content-Length is 999 but the body has only 14 bytes"),
+    (b'{"inputs": []}', "twelve", "Inference-Header-Content-Length must be the byte length of the JSON"),
+    (json.dumps({"inputs": [FP32_BINARY]}).encode(), None,
+     "binary_data_size but the request has no Inference-Header-Content-Length"),
+    (json.dumps({"inputs": [FP32_BINARY]}).encode() + X1.tobytes(), None,
+     "binary tensor data may follow it only with the header Inference-Header-Content-Length"),
+    (json.dumps({"inputs": [FP32_BINARY]}).encode() + X1.tobytes()[:100], "len",
+     "binary_data_size is 256 but only 100 bytes of binary data are left"),
+    (json.dumps({"inputs": [{**FP32_BINARY, "parameters": {"binary_data_size": 128}}]}).encode() + X1.tobytes()[:128],
+     "len", "shape [1, 1, 8, 8] of FP32 needs 256 bytes, got 128"),
+    (json.dumps({"inputs": [FP32_BINARY]}).encode() + X1.tobytes() + b"extra", "len",
+     "5 bytes after the JSON request that no input's parameters.binary_data_size accounts for"),
+    (json.dumps({"inputs": [{**FP32_BINARY, "parameters": {"binary_data_size": "256"}}]}).encode() + X1.tobytes(),
+     "len", "binary_data_size must be a byte count"),
+    (json.dumps({"inputs": [{**FP32_BINARY, "data": [1.0] * 64}]}).encode() + X1.tobytes(), "len",
+     "send data or parameters.binary_data_size, not both"),
+    (json.dumps({"inputs": [{"name": "image", "shape": [2], "datatype": "BYTES",
+                             "parameters": {"binary_data_size": 9}}]}).encode() + struct.pack("<I", 5) + b"abcde",
+     "len", "input 'image': shape [2] needs 2 BYTES elements"),
+    (b'{"inputs": [' + b"[" * 60000, None, "the JSON request is not valid JSON"),
+    (b"\xff\xfe not utf-8", None, "the JSON request is not valid JSON"),
+    (b'["inputs"]', None, "the JSON request must be an object"),
+    (b'{"inputs": {}}', None, "the request has no list of inputs"),
+    (b'{"inputs": [{"shape": [1], "datatype": "FP32", "data": [1]}]}', None, "inputs[0] must be an object with a"),
+    (b'{"inputs": [{"name": "input", "shape": "1,1,8,8", "datatype": "FP32", "data": [1]}]}', None,
+     "input 'input': shape must be a list of integers"),
+    (b'{"inputs": [{"name": "input", "shape": [1], "datatype": 32, "data": [1]}]}', None, "datatype must be a string"),
+    (b'{"inputs": [{"name": "input", "shape": [1], "datatype": "FP32", "data": 1}]}', None, "data must be a list"),
+    (b'{"inputs": [{"name": "input", "shape": [1], "datatype": "FP32", "data": [1], "parameters": 7}]}', None,
+     "parameters must be an object"),
+    (json.dumps({"id": 5, "inputs": [{**FP32_BINARY, "parameters": None, "data": [1.0] * 64}]}).encode(), None,
+     "the request's id must be a string"),
+    (json.dumps({"inputs": [{**FP32_BINARY, "parameters": None, "data": [1.0] * 64}], "outputs": ["label"]}).encode(),
+     None, "outputs[0] must be an object with a string name"),
+    (json.dumps({"inputs": [{**FP32_BINARY, "parameters": None, "data": [1.0] * 64}],
+                 "parameters": {"binary_data_output": "yes"}}).encode(), None, "binary_data_output must be true or"),
+])
+def test_rest_malformed_bodies_are_400_with_what_is_wrong_and_the_server_goes_on(body: bytes, header: str | None,
+                                                                                  words: str) -> None:
+    async def main() -> None:
+        headers = {"authorization": "Bearer t0k"}
+        if header is not None:  # "len": the JSON's true length
+            headers["inference-header-content-length"] = str(body.index(b"}]}") + 3) if header == "len" else header
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=rest_app()), base_url="http://t") as http:
+            answer = await post(http, "digits", body, headers)
+            assert answer.status_code == 400, answer.text
+            assert words in answer.json()["error"]
+            good, headers = binary_request({"inputs": [FP32_BINARY]}, X1.tobytes())
+            assert (await post(http, "digits", good, headers)).status_code == 200
+
+    asyncio.run(main())
+
+
+def test_rest_compressed_and_chunked_bodies_keep_the_size_limit() -> None:
+    async def main() -> None:
+        body = {"inputs": [{"name": "input", "shape": [1, 1, 8, 8], "datatype": "FP32", "data": [0.5] * 64}]}
+        plain = json.dumps(body).encode()
+        auth = {"authorization": "Bearer t0k"}
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=rest_app()), base_url="http://t") as http:
+            for encoding, packed in [("gzip", gzip.compress(plain)), ("deflate", zlib.compress(plain))]:
+                answer = await post(http, "digits", packed, {**auth, "content-encoding": encoding})
+                assert answer.status_code == 200, answer.text
+            bomb = gzip.compress(b" " * 200_000)  # a few hundred bytes that inflate past the 64 KiB limit
+            assert (await post(http, "digits", bomb, {**auth, "content-encoding": "gzip"})).status_code == 413
+            assert (await post(http, "digits", plain, {**auth, "content-encoding": "br"})).status_code == 400
+            async def chunks() -> AsyncIterator[bytes]:
+                for _ in range(2):
+                    yield b" " * 40_000
+
+            chunked = await http.post("/v2/models/digits/infer", content=chunks(), headers=auth)  # no length
+            assert "content-length" not in chunked.request.headers and chunked.status_code == 413
+            huge, headers = binary_request({"inputs": [FP32_BINARY]}, b"\0" * 70_000)
+            assert (await post(http, "digits", huge, headers)).status_code == 413
+
+    asyncio.run(main())
+
+
+def test_rest_openapi_documents_the_inference_bodies() -> None:
+    async def main() -> None:
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=rest_app()), base_url="http://t") as http:
+            spec = (await http.get("/openapi.json")).json()
+        infer = spec["paths"]["/v2/models/{model}/infer"]["post"]
+        ref = infer["requestBody"]["content"]["application/json"]["schema"]["$ref"]
+        schemas = spec["components"]["schemas"]
+        request_schema = schemas[ref.rsplit("/", 1)[1]]
+        assert {"inputs", "outputs", "parameters", "id"} <= set(request_schema["properties"])
+        assert request_schema["properties"]["inputs"]["items"]["$ref"].rsplit("/", 1)[1] in schemas
+        assert "application/octet-stream" in infer["responses"]["200"]["content"]
+        assert "/v2/models/{model}/versions/{version}/infer" in spec["paths"]
 
     asyncio.run(main())

@@ -164,7 +164,7 @@ def test_a_short_run_logs_every_task_each_iteration(run: Path) -> None:
 def test_reselecting_a_multitask_run_rescores_every_task(run: Path, tmp_path: Path) -> None:
     """`gradserve select` with another rule rewrites summary.json for the new choice, per-task metrics included."""
     from training import checkpoint
-    from training.data import load_splits
+    from training.datasets import load_splits
     from training.multitask.tasks import evaluate_tasks
     from training.summary import load_model
 
@@ -179,7 +179,7 @@ def test_reselecting_a_multitask_run_rescores_every_task(run: Path, tmp_path: Pa
     summary = json.loads((copy_of_run / "summary.json").read_text())
     assert summary["selected"]["checkpoint"] == chosen and summary["multitask"]["method"] == "gradnorm"
     cfg = TrainConfig.from_dict(checkpoint.load(checkpoint.last_path(copy_of_run))["config"])
-    data = load_splits(cfg.dataset, cfg.val_fraction, cfg.test_fraction, cfg.seed)
+    data = load_splits(cfg)
     cpu = torch.device("cpu")
     expected = evaluate_tasks(load_model(copy_of_run / chosen, cpu), data.test, tasks_named(("class", "ink")), cpu)
     for task, metrics in expected.items():

@@ -13,7 +13,7 @@ import torch
 from run_fixtures import digits, make_run, selected_model
 
 from handlers import codec, local
-from handlers.handler import DigitsHandler
+from handlers.handler import GradserveHandler
 from training.package import PackageConfig, package
 
 
@@ -35,8 +35,8 @@ def model_dir(run: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def handler(model_dir: Path) -> DigitsHandler:
-    h = DigitsHandler()
+def handler(model_dir: Path) -> GradserveHandler:
+    h = GradserveHandler()
     h.initialize(context(model_dir))
     return h
 
@@ -55,12 +55,12 @@ def expected(model: torch.nn.Module, x: np.ndarray) -> np.ndarray:
         return model(torch.from_numpy(x)).numpy()
 
 
-def test_model_is_in_eval_mode(handler: DigitsHandler) -> None:
+def test_model_is_in_eval_mode(handler: GradserveHandler) -> None:
     assert not any(m.training for m in handler.model.modules())
     assert handler.device == torch.device("cpu")
 
 
-def test_mixed_row_counts_in_one_batch(handler: DigitsHandler, reference: torch.nn.Module) -> None:
+def test_mixed_row_counts_in_one_batch(handler: GradserveHandler, reference: torch.nn.Module) -> None:
     images = digits()[0]
     counts = [1, 5, 64, 3, 256]
     inputs = [images[i * 10: i * 10 + n] for i, n in enumerate(counts)]
@@ -90,7 +90,7 @@ def test_mixed_row_counts_in_one_batch(handler: DigitsHandler, reference: torch.
     ({"data": codec.encode({"pixels": np.zeros((2, 1, 8, 8), np.float32)})}, "got tensors ['pixels']"),
     ({"data": codec.encode_error(codec.INTERNAL, "x")}, "got tensors []"),
 ])
-def test_one_malformed_request_fails_alone(handler: DigitsHandler, reference: torch.nn.Module,
+def test_one_malformed_request_fails_alone(handler: GradserveHandler, reference: torch.nn.Module,
                                            bad: dict, says: str) -> None:
     good = digits()[0][:7]
     responses = handler.handle([request(good[:3]), bad, request(good[3:])], context(Path()))
@@ -102,7 +102,7 @@ def test_one_malformed_request_fails_alone(handler: DigitsHandler, reference: to
         np.testing.assert_allclose(codec.decode(response).tensors["logits"], expected(reference, x), atol=1e-5)
 
 
-def test_a_batch_of_only_bad_requests(handler: DigitsHandler) -> None:
+def test_a_batch_of_only_bad_requests(handler: GradserveHandler) -> None:
     responses = handler.handle([{"data": b"x"}, {"body": b"y"}], context(Path()))
     assert [codec.decode(r).error.code for r in responses] == [codec.INVALID_ARGUMENT] * 2
 
@@ -115,10 +115,10 @@ def test_tampered_weights_are_refused(model_dir: Path, tmp_path: Path) -> None:
     blob[-100] ^= 0x01
     weights.write_bytes(bytes(blob))
     with pytest.raises(RuntimeError, match="sha256"):
-        DigitsHandler().initialize(context(tampered))
+        GradserveHandler().initialize(context(tampered))
 
 
-def test_rows_are_batch_invariant(handler: DigitsHandler, reference: torch.nn.Module) -> None:
+def test_rows_are_batch_invariant(handler: GradserveHandler, reference: torch.nn.Module) -> None:
     rng = np.random.default_rng(0)
     images = digits()[0]
     rows = images[rng.choice(len(images), 16, replace=False)]
@@ -140,7 +140,7 @@ def test_rows_are_batch_invariant(handler: DigitsHandler, reference: torch.nn.Mo
         assert alone["label"][0] == batched["label"][at] == among_requests["label"][0] == truth.argmax()
 
 
-def test_batchnorm_statistics_do_not_move(handler: DigitsHandler) -> None:
+def test_batchnorm_statistics_do_not_move(handler: GradserveHandler) -> None:
     before = {k: v.clone() for k, v in handler.model.state_dict().items()}
     assert any("running_mean" in k for k in before)
     rng = np.random.default_rng(1)
@@ -152,7 +152,7 @@ def test_batchnorm_statistics_do_not_move(handler: DigitsHandler) -> None:
 
 
 def test_threads_share_the_cores_between_workers(model_dir: Path) -> None:
-    h = DigitsHandler()
+    h = GradserveHandler()
     try:
         h.initialize(context(model_dir, workers=64))
         assert torch.get_num_threads() == 1

@@ -23,6 +23,7 @@ from run_fixtures import digits
 from torchserve_fixtures import packaged_store, predictions_stub, running_torchserve
 
 from handlers import codec
+from handlers.factory import ModelSpec
 from handlers.manifest import Manifest
 from server.backend import Backend
 from server.config import ServeConfig, TorchServeSection
@@ -30,7 +31,6 @@ from server.generated import torchserve_pb2
 from server.models import ServedModel
 from server.torchserve.client import Keys, TorchServeClient, wait_until_ready
 from server.torchserve.process import TorchServe, TorchServeConfig, TorchServeError, archive_model_name, check_java
-from training.model import build_model
 
 pytestmark = pytest.mark.slow
 
@@ -51,7 +51,7 @@ def reference_model(store: Path) -> torch.nn.Module:
     with zipfile.ZipFile(store / "digits.mar") as z:
         manifest = json.loads(z.read("gradserve.json"))
         state = torch.load(io.BytesIO(z.read("weights.pt")), weights_only=True)
-    model = build_model(manifest["model_config"])
+    model = ModelSpec.from_dict(manifest["model_config"]).build()
     model.load_state_dict(state)
     return model.eval()
 

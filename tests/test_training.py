@@ -20,10 +20,12 @@ import yaml
 
 from gradserve.cli import main as gradserve_main
 from gradserve.errors import UsageError
+from handlers.factory import ModelSpec
 from training import checkpoint
 from training.cli import add_arguments, config_from_args
 from training.config import ModelSection, TrainConfig
-from training.data import Split, Splits, batch_bounds, load_digits_splits, make_splits
+from training.data import Split, Splits, batch_bounds, make_splits
+from training.datasets import load_digits_splits
 from training.evaluate import evaluate
 from training.model import ModelConfig, build_model
 from training.monitor import GradNormMonitor, clip_grads_, global_grad_norm
@@ -31,7 +33,7 @@ from training.selection import Record, select_checkpoint
 from training.train import NonFiniteError, lr_at, train
 
 ROOT = Path(__file__).resolve().parent.parent
-TINY = ModelSection(channels=(8, 16), norm="batch", dropout=0.0)
+TINY = ModelSection(args={"channels": [8, 16], "norm": "batch", "dropout": 0.0})
 
 
 def tiny(tmp_path: Path, **kw: object) -> TrainConfig:
@@ -89,7 +91,7 @@ def test_batchnorm_batch_of_one_policy() -> None:
     assert batch_bounds(66, 32, drop_single=True)[-1] == (64, 66)
     with pytest.raises(ValueError, match="single sample"):
         TrainConfig(batch_size=1)
-    TrainConfig(batch_size=1, model=ModelSection(norm="group"))  # no BatchNorm, no problem
+    TrainConfig(batch_size=1, model=ModelSection(args={"norm": "group"}))  # no BatchNorm, no problem
 
 
 def test_trailing_batch_of_one_is_dropped_in_a_real_run(tmp_path: Path) -> None:
@@ -108,7 +110,7 @@ def test_three_channel_images_and_small_batch_warning(tmp_path: Path, caplog: py
     assert any("noisy" in r.message and "group" in r.message for r in caplog.records)
     ckpt = checkpoint.load(checkpoint.last_path(run_dir))
     assert ckpt["data"]["shape"] == [3, 12, 10]
-    model = build_model(ckpt["model_config"])
+    model = ModelSpec.from_dict(ckpt["model_config"]).build()
     model.load_state_dict(ckpt["state_dict"])
     assert model.eval()(torch.rand(5, 3, 12, 10)).shape == (5, 3)  # (B, num_classes)
 

@@ -4,7 +4,7 @@ runs/<name>/checkpoints/step-<N>.pt, one per evaluation, and last.pt (a copy of 
 `payload` builds (ARCHITECTURE.md, "Checkpoint"); a second program rebuilds the model from the file alone:
 
     format_version  FORMAT_VERSION
-    model_config    ModelConfig.to_dict(): what build_model needs
+    model_config    ModelSpec.to_dict() (handlers/factory.py): factory, args, in_shape, num_classes
     state_dict      the model's weights (the bare model's, never the DDP wrapper's)
     optimizer       the optimizer's state_dict
     scheduler       schedule, warmup_steps, total (iterations), iteration, lr (the next iteration's)
@@ -13,7 +13,8 @@ runs/<name>/checkpoints/step-<N>.pt, one per evaluation, and last.pt (a copy of 
     rng             {"torch": the CPU generator's state}
     record          the Record of the evaluation (step, grad_norm, train_loss, val_loss)
     config          TrainConfig.to_dict()
-    data            the data's description (shape, labels, scale, ...) and the objective's (a multi-task run's tasks)
+    data            the data's description (shape, labels, task, preprocess: the input contract and the train split's
+                    statistics) and the objective's (a multi-task run's tasks)
     ...             the objective's own top-level fields (a multi-task run's `multitask`: method, tasks, weights)
     resume          what `--resume` needs to continue exactly (`restore` reads it back): TrainState but its window
                     (empty at a checkpoint), the monitor's, objective's and GradScaler's state, wall_time_s
@@ -36,7 +37,7 @@ if TYPE_CHECKING:
     from training.config import TrainConfig
     from training.setup import Run
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: model_config is a factory's ModelSpec, data carries the preprocessing
 
 
 def payload(run: Run, state: TrainState, epoch: int) -> dict[str, Any]:
@@ -44,7 +45,7 @@ def payload(run: Run, state: TrainState, epoch: int) -> dict[str, Any]:
     cfg = run.cfg
     return {
         "format_version": FORMAT_VERSION,
-        "model_config": run.model_config.to_dict(),
+        "model_config": run.model_spec.to_dict(),
         "state_dict": run.model.state_dict(),
         "optimizer": run.optimizer.state_dict(),
         "scheduler": {

@@ -11,6 +11,7 @@ import dataclasses
 import logging
 import os
 import sys
+from pathlib import Path
 from typing import Any
 
 import torch.multiprocessing as mp
@@ -31,7 +32,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", dest="batch_size", type=int, help="per process")
     parser.add_argument("--lr", type=float)
     parser.add_argument("--seed", type=int)
-    parser.add_argument("--norm", choices=("batch", "group", "layer"), help="model.norm")
+    parser.add_argument("--norm", choices=("batch", "group", "layer"), help="model.args.norm of the built-in ConvNet")
     parser.add_argument("--eval-every", dest="eval_every", type=int, help="iterations between evaluations")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"))
     parser.add_argument("--threads", type=int, help="torch threads per process")
@@ -51,12 +52,15 @@ FLAGS = ("name", "runs_dir", "epochs", "batch_size", "lr", "seed", "eval_every",
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
     overrides: dict[str, Any] = {name: getattr(args, name) for name in FLAGS}
-    overrides["model.norm"] = args.norm
+    overrides["model.args.norm"] = args.norm
     if getattr(args, "method", None):
         if not (gradserve_config.load_file(args.config).get("train") or {}).get("multitask"):
             raise UsageError(f"{args.config}: --method needs a multitask: section in train:")
         overrides["multitask.method"] = args.method
-    return gradserve_config.load(TrainConfig, args.config, "train", overrides)
+    cfg = gradserve_config.load(TrainConfig, args.config, "train", overrides)
+    if cfg.code_dir is None:  # the user's factories live beside their config
+        cfg = dataclasses.replace(cfg, code_dir=str(Path(args.config).resolve().parent))
+    return cfg
 
 
 def run(cfg: TrainConfig, dist: Dist, resume: bool) -> None:

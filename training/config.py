@@ -1,4 +1,16 @@
-"""The training configuration: one frozen dataclass, the `train:` section of gradserve.yaml."""
+"""The training configuration: one frozen dataclass, the `train:` section of gradserve.yaml.
+
+    train:
+      name: shapes                       # runs/<name>/, model_store/<name>.mar, the served model name
+      task: classification               # classification | regression
+      data:
+        kind: imagefolder                # digits | imagefolder | csv | npz | python
+        path: data/shapes
+        image: {size: [32, 32], mode: RGB}
+      model:
+        factory: shapenet:build          # "module:callable" returning an nn.Module
+        args: {width: 16}
+"""
 
 from __future__ import annotations
 
@@ -7,28 +19,85 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from gradserve.config import path_field
+from handlers.factory import BUILTIN
+from handlers.preprocess import MODES
 from training.model import NORMS
 from training.selection import STRATEGIES, SelectionRule
 
 SCHEDULES = ("cosine", "linear", "constant")
 DEVICES = ("auto", "cpu", "cuda")
 BALANCING = ("gradnorm", "equal")
+TASKS = ("classification", "regression")
+DATA_KINDS = ("digits", "imagefolder", "csv", "npz", "python")
 # The targets a multi-task run can learn from the bundled digits; "class" is the main head (logits/label/...).
 TASK_NAMES = ("class", "ink", "parity")
 
 
 @dataclass(frozen=True)
-class ModelSection:
-    """The architecture knobs of the model; input shape and class count come from the data."""
+class ImageSection:
+    """How image files are read: every image is decoded, converted to `mode` and resized to `size`."""
 
-    channels: tuple[int, ...] = (32, 64)
-    norm: str = "batch"  # batch | group | layer
-    dropout: float = 0.0
+    size: tuple[int, int] = (32, 32)  # (height, width)
+    mode: str = "RGB"  # a Pillow mode: L (grey), RGB, RGBA, ...
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "channels", tuple(int(c) for c in self.channels))
-        if self.norm not in NORMS:
-            raise ValueError(f"model.norm must be one of {NORMS}, got {self.norm!r}")
+        object.__setattr__(self, "size", tuple(int(v) for v in self.size))
+        if len(self.size) != 2 or min(self.size) < 1:
+            raise ValueError(f"data.image.size must be [height, width], got {list(self.size)}")
+        if self.mode not in MODES:
+            raise ValueError(f"data.image.mode must be one of {sorted(MODES)}, got {self.mode!r}")
+
+
+@dataclass(frozen=True)
+class DataSection:
+    """Where the examples come from (training/datasets.py reads them)."""
+
+    kind: str = "digits"  # digits | imagefolder | csv | npz | python
+    path: str | None = path_field()  # imagefolder: a folder; csv, npz: a file
+    image: ImageSection = field(default_factory=ImageSection)  # imagefolder
+    label: str | tuple[str, ...] | None = None  # csv: the label column (regression: one or several)
+    features: tuple[str, ...] | None = None  # csv: the feature columns, in order (default: every other column)
+    factory: str | None = None  # python: "module:callable" returning (x, y) or (x, y, labels) NumPy arrays
+    args: dict[str, Any] = field(default_factory=dict)  # python: keyword arguments of the factory
+    standardize: bool | None = None  # inputs standardised with the training split's statistics; None: yes,
+    #                                  but for the digits demo (its archive takes pixels in [0, 1] as they are)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.image, dict):
+            object.__setattr__(self, "image", ImageSection(**self.image))
+        if isinstance(self.label, list):
+            object.__setattr__(self, "label", tuple(self.label))
+        if self.kind not in DATA_KINDS:
+            raise ValueError(f"data.kind must be one of {DATA_KINDS}, got {self.kind!r}")
+        if self.kind in ("imagefolder", "csv", "npz") and not self.path:
+            what = "folder" if self.kind == "imagefolder" else "file"
+            raise ValueError(f"data.kind {self.kind} needs data.path (the {what})")
+        if self.kind == "csv" and not self.label:
+            raise ValueError("data.kind csv needs data.label: the column (or columns, for regression) to predict")
+        if self.kind == "python" and not self.factory:
+            raise ValueError("data.kind python needs data.factory: 'module:callable' returning (x, y[, labels])")
+
+    @property
+    def standardized(self) -> bool:
+        return self.kind != "digits" if self.standardize is None else self.standardize
+
+
+@dataclass(frozen=True)
+class ModelSection:
+    """The model: a factory "module:callable" and its keyword arguments; input shape and output count come from
+    the data. The default is the built-in ConvNet (args: channels, norm batch|group|layer, dropout)."""
+
+    factory: str = BUILTIN
+    args: dict[str, Any] = field(default_factory=lambda: {"channels": [32, 64], "norm": "batch", "dropout": 0.0})
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "args", dict(self.args))
+        if self.builtin and self.args.get("norm", "batch") not in NORMS:
+            raise ValueError(f"model.args.norm must be one of {NORMS}, got {self.args['norm']!r}")
+
+    @property
+    def builtin(self) -> bool:
+        return self.factory == BUILTIN
 
 
 @dataclass(frozen=True)
@@ -65,7 +134,9 @@ class MultitaskSection:
 class TrainConfig:
     name: str = "digits"  # runs/<name>/
     runs_dir: str = path_field("runs")  # relative in the config file: to the file's folder
-    dataset: str = "digits"
+    task: str = "classification"  # classification | regression
+    data: DataSection = field(default_factory=DataSection)
+    code_dir: str | None = path_field()  # first on sys.path for the factories; the command sets the config's folder
     seed: int = 0
     val_fraction: float = 0.15
     test_fraction: float = 0.15
@@ -97,6 +168,8 @@ class TrainConfig:
         # gradserve.yaml hands the nested sections over as plain mappings.
         if isinstance(self.model, dict):
             object.__setattr__(self, "model", ModelSection(**self.model))
+        if isinstance(self.data, dict):
+            object.__setattr__(self, "data", DataSection(**self.data))
         if isinstance(self.selection, dict):
             object.__setattr__(self, "selection", SelectionRule(**self.selection))
         if isinstance(self.multitask, dict):
@@ -108,10 +181,17 @@ class TrainConfig:
             0 < self.val_fraction < 1 and 0 < self.test_fraction < 1 and self.val_fraction + self.test_fraction < 1
         ):
             problems.append("val_fraction and test_fraction must be in (0, 1) and sum to less than 1")
-        if self.model.norm == "batch" and self.batch_size < 2:
+        if self.model.builtin and self.model.args.get("norm", "batch") == "batch" and self.batch_size < 2:
             problems.append(
-                "batch_size 1 hands BatchNorm a single sample: use batch_size >= 2 or model.norm group/layer"
+                "batch_size 1 hands BatchNorm a single sample: use batch_size >= 2 or model.args.norm group/layer"
             )
+        if self.task not in TASKS:
+            problems.append(f"task must be one of {TASKS}, got {self.task!r}")
+        if self.multitask is not None and (self.task != "classification" or self.data.kind != "digits"
+                                           or not self.model.builtin):
+            problems.append("multitask trains the built-in ConvNet on the bundled digits (its tasks are derived "
+                            "from them): drop multitask, or use task classification, data.kind digits and the "
+                            "default model.factory")
         if self.schedule not in SCHEDULES:
             problems.append(f"schedule must be one of {SCHEDULES}")
         if self.device not in DEVICES:
@@ -128,8 +208,12 @@ class TrainConfig:
             raise ValueError("invalid train config: " + "; ".join(problems))
 
     def to_dict(self) -> dict[str, Any]:
+        """JSON-able: what checkpoints and the archive's manifest record."""
         d = dataclasses.asdict(self)
-        d["model"]["channels"] = list(self.model.channels)
+        d["data"]["image"]["size"] = list(self.data.image.size)
+        for key in ("label", "features"):
+            if isinstance(d["data"][key], tuple):
+                d["data"][key] = list(d["data"][key])
         if self.multitask is not None:
             d["multitask"]["tasks"] = list(self.multitask.tasks)
         return d

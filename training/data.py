@@ -1,26 +1,26 @@
-"""Data: scikit-learn's bundled digits (no download), a seeded stratified split, and shuffled batches.
-
-Everything here takes images of any shape C x H x W; only `load_digits_splits` knows about digits.
+"""Data as the loop sees it: train/val/test splits of (x, y) tensors, seeded and (for classification)
+stratified, already preprocessed the way the archive will preprocess a request (handlers/preprocess.py), and
+shuffled batches of them. Where the examples come from is training/datasets.py.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
+from typing import Any
 
 import numpy as np
 import torch
-from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
 
-DIGITS_SCALE = 1 / 16  # digits pixels are integers 0..16
+from handlers.preprocess import Preprocess, statistics
 
 
 @dataclass(frozen=True)
 class Split:
-    x: torch.Tensor  # (N, C, H, W) float32 in [0, 1]
-    y: torch.Tensor  # (N,) int64 class index
+    x: torch.Tensor  # (N, *in_shape) float32, standardised when the preprocessing says so
+    y: torch.Tensor  # (N,) int64 class index, or (N, T) float32 standardised regression targets
 
     def __len__(self) -> int:
         return len(self.y)
@@ -31,18 +31,41 @@ class Splits:
     train: Split
     val: Split
     test: Split
-    labels: tuple[str, ...]
+    labels: tuple[str, ...]  # class names (classification) or target names (regression)
     dataset: str = "custom"
-    scale: float = 1.0  # what raw pixels were multiplied by to land in [0, 1]
+    scale: float = 1.0  # what raw pixels were multiplied by to land in [0, 1] (the digits: 1/16)
+    task: str = "classification"
+    preprocess: Preprocess | None = None  # None: images taken as they are (made by make_splits)
+    sources: dict[str, Any] = field(default_factory=dict)  # where the examples came from, for people
 
     @property
-    def shape(self) -> tuple[int, int, int]:
-        c, h, w = self.train.x.shape[1:]
-        return int(c), int(h), int(w)
+    def shape(self) -> tuple[int, ...]:
+        return tuple(int(d) for d in self.train.x.shape[1:])
+
+    @property
+    def outputs(self) -> int:
+        """What the model's last layer produces: classes, or regression targets."""
+        return len(self.labels)
 
     def describe(self) -> dict[str, object]:
         """The `data` entry of every checkpoint: enough to feed the model the way it was trained."""
-        return {"dataset": self.dataset, "shape": list(self.shape), "labels": list(self.labels), "scale": self.scale}
+        return {"dataset": self.dataset, "shape": list(self.shape), "labels": list(self.labels), "scale": self.scale,
+                "task": self.task, "preprocess": self.preprocess.to_dict() if self.preprocess else None,
+                **self.sources}
+
+
+def split_indices(y: np.ndarray, val_fraction: float, test_fraction: float, seed: int,
+                  stratify: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Seeded train/val/test indices; stratified (every class's share the same in each part) when asked and
+    possible (every class has examples enough), plain shuffled otherwise."""
+    index = np.arange(len(y))
+    counts = np.unique(y, return_counts=True)[1]
+    strata = y if stratify and counts.min() >= 3 else None
+    rest, test = train_test_split(index, test_size=test_fraction, stratify=strata, random_state=seed)
+    val_share = val_fraction / (1 - test_fraction)
+    train, val = train_test_split(rest, test_size=val_share, stratify=None if strata is None else y[rest],
+                                  random_state=seed)
+    return train, val, test
 
 
 def split_stratified(
@@ -64,7 +87,7 @@ def split_stratified(
 def make_splits(
     x: np.ndarray, y: np.ndarray, val_fraction: float, test_fraction: float, seed: int, dataset: str = "custom"
 ) -> Splits:
-    """Splits of images x (N, C, H, W) already scaled to [0, 1], labels y (N,) in 0..K-1."""
+    """Splits of images x (N, C, H, W) already scaled to [0, 1], labels y (N,) in 0..K-1, taken as they are."""
     if x.ndim != 4:
         raise ValueError(f"images must be (N, C, H, W), got shape {x.shape}")
     train, val, test = split_stratified(x, y, val_fraction, test_fraction, seed)
@@ -72,19 +95,30 @@ def make_splits(
     return Splits(train, val, test, labels, dataset)
 
 
-def load_digits_splits(val_fraction: float, test_fraction: float, seed: int) -> Splits:
-    digits = load_digits()
-    x = (digits.images * DIGITS_SCALE).astype(np.float32)[:, None]  # (1797, 1, 8, 8)
-    y = digits.target.astype(np.int64)
-    train, val, test = split_stratified(x, y, val_fraction, test_fraction, seed)
-    labels = tuple(str(k) for k in range(10))
-    return Splits(train, val, test, labels, "digits", DIGITS_SCALE)
+def preprocessed_splits(parts: dict[str, tuple[np.ndarray, np.ndarray]], labels: tuple[str, ...], task: str,
+                        preprocess: Preprocess, standardize: bool, dataset: str,
+                        sources: dict[str, Any] | None = None) -> Splits:
+    """Splits from raw (x, y) parts "train", "val", "test": the standardisation statistics are measured on the
+    train part alone, then applied to every part by the archive's own code (Preprocess.standardize)."""
+    x_train, y_train = parts["train"]
+    if standardize:
+        mean, std = statistics(x_train, preprocess.kind)
+        preprocess = replace(preprocess, mean=mean, std=std)
+    if task == "regression":
+        target_mean, target_std = statistics(y_train, "table")
+        preprocess = replace(preprocess, target_mean=target_mean, target_std=target_std)
 
+    def split(x: np.ndarray, y: np.ndarray) -> Split:
+        # Through a flat view: the default strides. An indexed (N, 1, H, W) array can carry strides that look like
+        # channels-last, which sends the convolutions down another kernel (same maths, other rounding).
+        flat = torch.as_tensor(np.reshape(x, (len(x), -1)), dtype=torch.float32)
+        xs = preprocess.standardize(flat.view(len(x), *x.shape[1:]))
+        if task == "regression":
+            return Split(xs, preprocess.standardize_target(torch.as_tensor(y, dtype=torch.float32)))
+        return Split(xs, torch.as_tensor(y, dtype=torch.int64))
 
-def load_splits(dataset: str, val_fraction: float, test_fraction: float, seed: int) -> Splits:
-    if dataset != "digits":
-        raise ValueError(f"unknown dataset {dataset!r}; the bundled one is 'digits' (pass other data to train())")
-    return load_digits_splits(val_fraction, test_fraction, seed)
+    train, val, test = (split(*parts[name]) for name in ("train", "val", "test"))
+    return Splits(train, val, test, labels, dataset, task=task, preprocess=preprocess, sources=sources or {})
 
 
 def shard_indices(n: int, epoch: int, seed: int, rank: int = 0, world: int = 1) -> torch.Tensor:
@@ -115,4 +149,4 @@ def batches(
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     for start, stop in bounds:
         idx = indices[start:stop]
-        yield split.x[idx], split.y[idx]  # (B, C, H, W), (B,)
+        yield split.x[idx], split.y[idx]  # (B, *in_shape), (B,) or (B, T)

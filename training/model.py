@@ -1,4 +1,5 @@
-"""The one model definition: trained by `training/`, shipped verbatim inside the TorchServe archive.
+"""The built-in model, the digits demo's: trained by `training/`, shipped verbatim inside its TorchServe archive,
+and rebuilt there by the factory "training.model:build_convnet" (handlers/factory.py), as any user's model is.
 
 This file imports nothing but torch, so the handler can rebuild the module from the archive alone.
 """
@@ -95,3 +96,15 @@ def build_model(config: ModelConfig | dict[str, Any]) -> ConvNet:
     if isinstance(config, dict):
         config = ModelConfig.from_dict(config)
     return ConvNet(config)
+
+
+def build_convnet(in_shape: tuple[int, ...], num_classes: int, channels: tuple[int, ...] | list[int] = (32, 64),
+                  norm: str = "batch", dropout: float = 0.0, extra_heads: dict[str, int] | None = None) -> ConvNet:
+    """The factory of the built-in ConvNet: images of `in_shape` (C, H, W) -> `num_classes` logits (and one more
+    head per entry of `extra_heads`, for multi-task training)."""
+    if len(in_shape) != 3:
+        raise ValueError(f"the built-in ConvNet takes images (C, H, W), got in_shape {tuple(in_shape)}; "
+                         "for tables give model.factory a model of your own (e.g. an MLP)")
+    c, h, w = (int(v) for v in in_shape)
+    return ConvNet(ModelConfig(in_channels=c, height=h, width=w, num_classes=num_classes, channels=tuple(channels),
+                               norm=norm, dropout=dropout, extra_heads=dict(extra_heads or {})))

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from training.data import Split, Splits
-from training.evaluate import evaluate
+from training.evaluate import evaluate, evaluate_regression
 
 
 class Objective:
@@ -39,8 +39,8 @@ class Objective:
         """One line for the start of the run ("" for nothing)."""
         return ""
 
-    def start(self, model: nn.Module, device: torch.device) -> None:
-        """The model is built and on its device."""
+    def start(self, model: nn.Module, device: torch.device, data: Splits) -> None:
+        """The model is built and on its device; `data` is what it trains on."""
 
     def backward(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, optimizer: torch.optim.Optimizer,
                  scaler: torch.amp.GradScaler | None, use_amp: bool) -> torch.Tensor:
@@ -95,3 +95,43 @@ class Objective:
         return (f"selected checkpoint {selected['checkpoint']}: test accuracy {selected['test_accuracy']:.4f} "
                 f"(best of all checkpoints {summary['best_test_accuracy']:.4f}); {summary['diagnosis']['verdict']}")
 
+
+
+class RegressionObjective(Objective):
+    """Mean squared error of the standardised targets (every target weighs alike whatever its units); evaluations
+    also report MAE and R² in the targets' own units."""
+
+    report_label = "MSE (standardised targets)"
+
+    def __init__(self) -> None:
+        self.data: Splits | None = None
+
+    def start(self, model: nn.Module, device: torch.device, data: Splits) -> None:
+        self.data = data
+
+    def backward(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, optimizer: torch.optim.Optimizer,
+                 scaler: torch.amp.GradScaler | None, use_amp: bool) -> torch.Tensor:
+        with torch.autocast(x.device.type, dtype=torch.float16) if use_amp else contextlib.nullcontext():
+            loss = F.mse_loss(model(x).float(), y)  # (B, T) against (B, T)
+        optimizer.zero_grad(set_to_none=True)
+        if scaler is not None:
+            scaler.scale(loss).backward()
+            scaler.unscale_(optimizer)
+        else:
+            loss.backward()
+        return loss.detach()
+
+    def evaluate(self, model: nn.Module, split: Split, device: torch.device) -> tuple[float, dict[str, Any]]:
+        assert self.data is not None and self.data.preprocess is not None
+        loss, scores = evaluate_regression(model, split, device, self.data.preprocess)
+        return loss, {"val_mae": scores["mae"], "val_r2": scores["r2"]}
+
+    def evaluation_note(self, fields: dict[str, Any]) -> str:
+        return f" MAE {fields['val_mae']:.4g} R² {fields['val_r2']:.3f}"
+
+    def finish(self, run_dir: Path, summary: dict[str, Any], data: Splits, checkpoints: list[str], chosen: int,
+               device: torch.device) -> str:
+        selected = summary["selected"]
+        return (f"selected checkpoint {selected['checkpoint']}: test MAE {selected['test_mae']:.4g}, R² "
+                f"{selected['test_r2']:.3f} (best R² of all checkpoints {summary['best_test_r2']:.3f}); "
+                f"{summary['diagnosis']['verdict']}")

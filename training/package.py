@@ -1,8 +1,10 @@
 """`gradserve package --run runs/<name>`: the selected checkpoint -> model_store/<name>.mar.
 
-The archive (built by torch-model-archiver) holds the handler, the packages it imports (handlers/codec.py,
-handlers/manifest.py, training/model.py with an empty training/__init__.py), the weights of the selected
-checkpoint only, model-config.yaml and the gradserve.json manifest (ARCHITECTURE.md, "Archive").
+The archive (built by torch-model-archiver) holds the handler and what it imports (handlers/: codec, manifest,
+factory, preprocess), the model's code (training/model.py for the built-in ConvNet, or the user's module or
+package in its layout, training/model_code.py), the weights of the selected checkpoint only, model-config.yaml
+and the gradserve.json manifest (ARCHITECTURE.md, "Archive"). Before it is written to the model store it is
+proven to work in a clean interpreter (training/archive_check.py).
 
 Versions: every build writes `<name>-<version>.mar`, which is never overwritten (unless --force), and
 copies it to `<name>.mar`, the latest build. Both carry model name <name> and their version in
@@ -12,7 +14,6 @@ MAR-INF/MANIFEST.json, so TorchServe can load an older version beside the latest
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import re
 import shutil
@@ -25,11 +26,14 @@ import torch
 import yaml
 
 import handlers.codec
-import training.model
 from gradserve import config as gradserve_config
 from gradserve.errors import UsageError
+from handlers.factory import ModelSpec
 from handlers.manifest import FILE as MANIFEST_FILE
 from handlers.manifest import Manifest, TensorSpec
+from handlers.preprocess import Preprocess
+from training.archive_check import check_archive
+from training.model_code import sha256, stage_model_code
 
 
 @dataclass(frozen=True)
@@ -77,10 +81,12 @@ def package(run: Path, config: PackageConfig, allow_fallback: bool = False, forc
     checkpoint = torch.load(checkpoint_path, map_location="cpu", weights_only=True)
     with tempfile.TemporaryDirectory(prefix="gradserve-package-") as tmp:
         stage, extra = Path(tmp), Path(tmp) / "extra"
-        _stage_packages(extra)
+        _stage_handlers(extra)
+        spec = ModelSpec.from_dict(checkpoint["model_config"])
+        code = stage_model_code(spec, checkpoint["config"].get("code_dir"), extra)
         weights = stage / "weights.pt"
         torch.save(checkpoint["state_dict"], weights)
-        manifest = _manifest(name, config, chosen, checkpoint, _sha256(weights), allow_fallback)
+        manifest = _manifest(name, config, chosen, checkpoint, sha256(weights), allow_fallback, code)
         manifest.write(extra / MANIFEST_FILE)
         model_config = stage / "model-config.yaml"
         model_config.write_text(yaml.safe_dump({
@@ -88,6 +94,7 @@ def package(run: Path, config: PackageConfig, allow_fallback: bool = False, forc
             "maxBatchDelay": config.max_batch_delay_ms, "responseTimeout": config.response_timeout_s,
             "handler": {"torch_threads": config.torch_threads}}))
         built = _archive(name, config.version, stage, weights, model_config, extra)
+        check_archive(built)  # refuses, saying why, an archive that would not load in TorchServe
         store.mkdir(parents=True, exist_ok=True)
         for target in (versioned, store / f"{name}.mar"):
             partial = target.with_name(f".{target.name}.partial")
@@ -96,15 +103,15 @@ def package(run: Path, config: PackageConfig, allow_fallback: bool = False, forc
     return store / f"{name}.mar"
 
 
-def _stage_packages(extra: Path) -> None:
-    """The packages the handler imports, in their package layout (the archive root is on sys.path)."""
+HANDLER_MODULES = ("__init__.py", "codec.py", "manifest.py", "factory.py", "preprocess.py")
+
+
+def _stage_handlers(extra: Path) -> None:
+    """What the handler imports, in its package layout (the archive root is on sys.path)."""
     (extra / "handlers").mkdir(parents=True)
-    (extra / "training").mkdir()
     source = Path(handlers.codec.__file__).parent
-    for name in ("__init__.py", "codec.py", "manifest.py"):
+    for name in HANDLER_MODULES:
         shutil.copyfile(source / name, extra / "handlers" / name)
-    shutil.copyfile(training.model.__file__, extra / "training" / "model.py")
-    (extra / "training" / "__init__.py").write_text("")  # not the repo's: the archive carries the model only
 
 
 def _archive(name: str, version: str, stage: Path, weights: Path, model_config: Path, extra: Path) -> Path:
@@ -121,32 +128,36 @@ def _archive(name: str, version: str, stage: Path, weights: Path, model_config: 
 
 
 def _manifest(name: str, config: PackageConfig, chosen: dict[str, Any], checkpoint: dict[str, Any],
-              sha256: str, allow_fallback: bool) -> Manifest:
-    model_config = training.model.ModelConfig.from_dict(checkpoint["model_config"])
-    k = model_config.num_classes
+              weights_sha256: str, allow_fallback: bool, code: dict[str, str]) -> Manifest:
+    spec = ModelSpec.from_dict(checkpoint["model_config"])
     data = checkpoint.get("data", {})
+    task = data.get("task", "classification")
+    kind = "image" if len(spec.in_shape) == 3 else "table"
+    preprocess = Preprocess.from_dict(data["preprocess"]) if data.get("preprocess") else Preprocess(kind, spec.in_shape)
+    k = spec.num_classes
+    inputs = [TensorSpec("input", "FP32", (-1, *spec.in_shape))]
+    if preprocess.kind == "image" and preprocess.mode:  # images as files, decoded as in training
+        inputs.append(TensorSpec("image", "BYTES", (-1,)))
+    if task == "regression":
+        outputs = [TensorSpec("prediction", "FP32", (-1, k))]
+    else:
+        outputs = [TensorSpec("logits", "FP32", (-1, k)), TensorSpec("label", "INT64", (-1,)),
+                   TensorSpec("probabilities", "FP32", (-1, k)), TensorSpec("class_name", "BYTES", (-1,)),
+                   # a multi-task model: one more output per extra head, its raw values
+                   *(TensorSpec(head, "FP32", (-1, size)) for head, size in spec.args.get("extra_heads", {}).items())]
     selection = chosen["selection"]
     return Manifest(
-        name=name, version=config.version,
-        inputs=(TensorSpec("input", "FP32", (-1, model_config.in_channels, model_config.height, model_config.width)),),
-        outputs=(TensorSpec("logits", "FP32", (-1, k)), TensorSpec("label", "INT64", (-1,)),
-                 TensorSpec("probabilities", "FP32", (-1, k)),
-                 # a multi-task model: one more output per extra head, its raw values
-                 *(TensorSpec(head, "FP32", (-1, size)) for head, size in model_config.extra_heads.items())),
+        name=name, version=config.version, inputs=tuple(inputs), outputs=tuple(outputs),
         labels=tuple(data.get("labels", [str(i) for i in range(k)])), max_rows=config.max_rows,
-        input_scale="pixel intensities scaled to [0, 1]",
+        input_scale=preprocess.describe(), task=task, preprocess=preprocess.to_dict(), code=code,
         selection={**selection, "record": chosen["records"][selection["index"]]},
         rule=chosen["rule"], baseline_loss=chosen["baseline_loss"],
         rule_satisfied=bool(selection["rule_satisfied"]), allow_fallback=allow_fallback,
-        weights_file="weights.pt", weights_sha256=sha256,
-        model_config=model_config.to_dict(), training_config=checkpoint.get("config", {}),
+        weights_file="weights.pt", weights_sha256=weights_sha256,
+        model_config=spec.to_dict(), training_config=checkpoint.get("config", {}),
         source={"checkpoint": chosen["checkpoints"][selection["index"]], "step": checkpoint.get("step")},
         tasks=tuple(data.get("tasks", ())),  # multi-task: what each output predicts
     )
-
-
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

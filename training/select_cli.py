@@ -45,8 +45,9 @@ def refresh_outputs(run_dir: Path, chosen: int) -> None:
 
     from training import checkpoint
     from training.config import TrainConfig
-    from training.data import load_splits
+    from training.datasets import load_splits
     from training.report import write_report
+    from training.setup import put_code_on_path
     from training.summary import read_selection, summarize
     from training.train import objective_for
 
@@ -54,13 +55,18 @@ def refresh_outputs(run_dir: Path, chosen: int) -> None:
     objective = objective_for(cfg)
     write_report(run_dir, loss_label=objective.report_label)
     summary_path = run_dir / "summary.json"
-    if cfg.dataset != "digits" or not summary_path.exists():
-        print(f"summary.json left as it was: the {cfg.dataset!r} data cannot be rebuilt from the config")
+    if not summary_path.exists():
+        return
+    put_code_on_path(cfg.code_dir)
+    try:
+        data = load_splits(cfg)  # the same split: the config's seed, and the same files
+    except UsageError as e:
+        print(f"summary.json left as it was: the run's data cannot be read again ({e})")
         return
     old = json.loads(summary_path.read_text())
-    computed = {"baseline_loss", "selection", "selected", "last", "best_val", "best_test_accuracy",
-                "selected_test_accuracy_below_best_points", "diagnosis", "checkpoints", "multitask"}  # fmt: skip
+    computed = {"baseline_loss", "selection", "selected", "last", "best_val", "best_test_accuracy", "best_test_r2",
+                "selected_test_accuracy_below_best_points", "selected_test_r2_below_best", "diagnosis",
+                "checkpoints", "multitask"}  # fmt: skip
     run_info = {k: v for k, v in old.items() if k not in computed}
-    data = load_splits(cfg.dataset, cfg.val_fraction, cfg.test_fraction, cfg.seed)
     summary = summarize(run_dir, data, torch.device("cpu"), run_info)
     objective.finish(run_dir, summary, data, read_selection(run_dir)["checkpoints"], chosen, torch.device("cpu"))

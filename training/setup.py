@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,10 +17,12 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
+from gradserve.errors import UsageError
+from handlers.factory import FactoryError, ModelSpec
 from training.config import TrainConfig
-from training.data import Splits, batch_bounds, load_splits
+from training.data import Splits, batch_bounds
+from training.datasets import load_splits
 from training.distributed import Dist
-from training.model import ModelConfig, build_model
 from training.monitor import GradNormMonitor
 from training.objective import Objective
 
@@ -38,7 +41,7 @@ class Run:
     objective: Objective
     device: torch.device
     data: Splits
-    model_config: ModelConfig
+    model_spec: ModelSpec  # rebuilds the model (handlers/factory.py), in training and in the archive
     model: nn.Module  # the bare model: what evaluations and checkpoints see
     trained: nn.Module  # what the forward runs through: the model, or its DDP wrapper once `distribute`d
     params: list[nn.Parameter]  # those with a gradient, in the model's order
@@ -72,8 +75,9 @@ def setup(cfg: TrainConfig, data: Splits | None, dist: Dist, objective: Objectiv
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     device = pick_device(cfg, dist)
-    data = data or load_splits(cfg.dataset, cfg.val_fraction, cfg.test_fraction, cfg.seed)
-    model_config, model = model_for(cfg, data, dist, objective, device)
+    put_code_on_path(cfg.code_dir)
+    data = data or load_splits(cfg)
+    model_spec, model = model_for(cfg, data, dist, objective, device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     use_amp = cfg.amp and device.type == "cuda"  # TrainConfig refuses amp with a multitask section
     if cfg.amp and not use_amp:
@@ -87,7 +91,7 @@ def setup(cfg: TrainConfig, data: Splits | None, dist: Dist, objective: Objectiv
         objective=objective,
         device=device,
         data=data,
-        model_config=model_config,
+        model_spec=model_spec,
         model=model,
         trained=model,
         params=[p for p in model.parameters() if p.requires_grad],
@@ -117,29 +121,35 @@ def has_batchnorm(model: nn.Module) -> bool:
     return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
 
 
+def put_code_on_path(code_dir: str | None) -> None:
+    """The user's code folder first on sys.path, for their model and data factories (it stays there: what was
+    imported from it must stay importable for the rest of the run)."""
+    if code_dir and str(code_dir) not in sys.path:
+        sys.path.insert(0, str(code_dir))
+
+
 def model_for(
     cfg: TrainConfig, data: Splits, dist: Dist, objective: Objective, device: torch.device
-) -> tuple[ModelConfig, nn.Module]:
-    """The model the config and the data's shape describe, with the objective's extra heads, on its device."""
-    c, h, w = data.shape
+) -> tuple[ModelSpec, nn.Module]:
+    """The model the config's factory builds for the data's shape (with the objective's extra heads), checked
+    with one batch of that shape, on its device."""
+    args = {**cfg.model.args, **({"extra_heads": objective.extra_heads()} if objective.extra_heads() else {})}
+    spec = ModelSpec(cfg.model.factory, data.shape, data.outputs, args)
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank
-    model_config = ModelConfig(
-        in_channels=c,
-        height=h,
-        width=w,
-        num_classes=len(data.labels),
-        channels=cfg.model.channels,
-        norm=cfg.model.norm,
-        dropout=cfg.model.dropout,
-        extra_heads=objective.extra_heads(),
-    )
-    model: nn.Module = build_model(model_config).to(device)
-    objective.start(model, device)
+    try:
+        model: nn.Module = spec.build().to(device)
+    except FactoryError as e:
+        raise UsageError(f"model.factory: {e}") from None
+    check_forward(model, data, spec, device)
+    objective.start(model, device, data)
     uses_bn = has_batchnorm(model)
+    if uses_bn and cfg.batch_size < 2:
+        raise UsageError("batch_size 1 hands BatchNorm a single sample: use batch_size >= 2 or a model without "
+                         "BatchNorm (e.g. GroupNorm or LayerNorm)")
     if uses_bn and cfg.batch_size < BN_MIN_BATCH:
         log.warning(
             "BatchNorm with batch_size %d (< %d): its batch statistics will be noisy; "
-            "consider model.norm: group or model.norm: layer",
+            "consider model.args.norm: group or layer (or GroupNorm/LayerNorm in your model)",
             cfg.batch_size,
             BN_MIN_BATCH,
         )
@@ -148,17 +158,39 @@ def model_for(
             model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
         else:
             log.warning("sync_bn: SyncBatchNorm needs CUDA; on CPU/gloo each rank keeps its own BatchNorm statistics")
-    return model_config, model
+    return spec, model
+
+
+def check_forward(model: nn.Module, data: Splits, spec: ModelSpec, device: torch.device) -> None:
+    """One eval-mode forward of two training rows before the first iteration: a model that rejects the data's
+    shape, or answers with the wrong width, stops the run here with both shapes named."""
+    x = data.train.x[:2].to(device)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            out = model(x)
+    except Exception as e:  # noqa: BLE001 - whatever the user's forward raises
+        raise UsageError(f"model {spec.factory!r} rejected inputs of shape {list(x.shape)} (in_shape "
+                         f"{list(spec.in_shape)}): {type(e).__name__}: {e}") from None
+    finally:
+        model.train(was_training)
+    if not isinstance(out, torch.Tensor) or out.ndim != 2 or out.shape[1] != spec.num_classes:
+        got = list(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+        width = "classes" if data.task == "classification" else "targets"
+        raise UsageError(f"model {spec.factory!r} answered inputs of shape {list(x.shape)} with {got}; it must "
+                         f"return [batch, {spec.num_classes}] ({spec.num_classes} {width})")
 
 
 def plan(run: Run, per_rank: int) -> str:
     """The data and the iteration arithmetic, for the start of the run."""
     cfg, data = run.cfg, run.data
-    c, h, w = data.shape
     full = math.ceil(per_rank / cfg.batch_size)
     dropped = " - 1 (a trailing batch of one is dropped for BatchNorm)" if run.iters_per_epoch < full else ""
+    what = "images" if len(data.shape) == 3 else "rows"
     return (
-        f"train {len(data.train)} / val {len(data.val)} / test {len(data.test)} images of {c}x{h}x{w}, "
+        f"train {len(data.train)} / val {len(data.val)} / test {len(data.test)} {what} of "
+        f"{'x'.join(map(str, data.shape))}, "
         f"{run.dist.world} process(es), device {run.device}\n"
         f"iterations per epoch = ceil({per_rank} / {cfg.batch_size}) = {full}{dropped}; "
         f"total = {cfg.epochs} epochs x {run.iters_per_epoch} = {run.total} iterations; "

@@ -50,7 +50,7 @@ from training.data import Splits, batches, shard_indices
 from training.distributed import Dist
 from training.monitor import clip_grads_, global_grad_norm, grads_of
 from training.multitask.objective import MultitaskObjective
-from training.objective import Objective
+from training.objective import Objective, RegressionObjective
 from training.report import write_report
 from training.selection import Record
 from training.setup import Run, distribute, setup
@@ -114,8 +114,11 @@ def train(
 
 
 def objective_for(cfg: TrainConfig) -> Objective:
-    """The objective of a training config: a multitask section picks GradNorm/equal, else cross-entropy."""
-    return Objective() if cfg.multitask is None else MultitaskObjective(cfg.multitask)
+    """The objective of a training config: a multitask section picks GradNorm/equal, regression the MSE, else
+    cross-entropy."""
+    if cfg.multitask is not None:
+        return MultitaskObjective(cfg.multitask)
+    return RegressionObjective() if cfg.task == "regression" else Objective()
 
 
 def lr_at(cfg: TrainConfig, iteration: int, total: int) -> float:

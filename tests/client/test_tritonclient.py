@@ -1,4 +1,5 @@
-"""An unmodified Open Inference Protocol client (tritonclient.grpc) against the real front door subprocess.
+"""Unmodified Open Inference Protocol clients (tritonclient.grpc and tritonclient.http, in JSON and in binary
+mode) against the real front door subprocess.
 
 Imports no gradserve protobuf stubs (see conftest.py); run with `pytest tests/client`.
 """
@@ -6,14 +7,19 @@ Imports no gradserve protobuf stubs (see conftest.py); run with `pytest tests/cl
 from __future__ import annotations
 
 import asyncio
+import base64
+import io
 import queue
 from collections.abc import Iterator
 
+import httpx
 import numpy as np
 import pytest
 import torch
 import tritonclient.grpc as triton
 import tritonclient.grpc.aio as triton_aio
+import tritonclient.http as triton_http
+import tritonclient.http.aio as triton_http_aio
 from frontdoor_fixtures import TOKEN, FrontDoor, built_store, digits, running_front_door, selected_model
 from tritonclient.utils import InferenceServerException
 
@@ -119,3 +125,139 @@ def test_stream_with_a_malformed_request_in_the_middle(client: triton.InferenceS
     assert sorted(r.get_response().id for r in results) == ["a", "c"]
     for r in results:
         assert np.abs(r.as_numpy("logits") - logits_of(reference, good)).max() <= 1e-5
+
+
+# --- tritonclient.http ---------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def http_client(door: FrontDoor) -> Iterator[triton_http.InferenceServerClient]:
+    c = triton_http.InferenceServerClient(door.http_url.removeprefix("http://"), concurrency=4)
+    try:
+        yield c
+    finally:
+        c.close()
+
+
+def auth() -> dict[str, str]:
+    """A fresh header dict per call: tritonclient.http writes its own headers (Inference-Header-Content-Length,
+    Content-Encoding) into the dict it is given, which would leak into the next request."""
+    return dict(HEADERS)
+
+
+def http_inputs(x: np.ndarray, binary: bool) -> list[triton_http.InferInput]:
+    tensor = triton_http.InferInput("input", list(x.shape), "FP32")
+    tensor.set_data_from_numpy(x, binary_data=binary)
+    return [tensor]
+
+
+def test_http_readiness_and_metadata(http_client: triton_http.InferenceServerClient) -> None:
+    assert http_client.is_server_live() and http_client.is_server_ready()
+    assert http_client.is_model_ready("digits", headers=auth())
+    meta = http_client.get_model_metadata("digits", headers=auth())
+    assert meta["name"] == "digits" and meta["inputs"][0] == {"name": "input", "datatype": "FP32",
+                                                              "shape": [-1, 1, 8, 8]}
+    assert "binary_tensor_data" in http_client.get_server_metadata(headers=auth())["extensions"]
+
+
+def test_http_json_mode_equals_the_training_model(http_client: triton_http.InferenceServerClient,
+                                                  reference: torch.nn.Module) -> None:
+    """binary_data=False for the input and the outputs: the whole exchange is JSON."""
+    x = np.ascontiguousarray(digits()[0][:16])
+    outputs = [triton_http.InferRequestedOutput(name, binary_data=False) for name in ("logits", "label")]
+    result = http_client.infer("digits", http_inputs(x, binary=False), outputs=outputs, request_id="j-1",
+                               headers=auth())
+    response = result.get_response()
+    assert response["id"] == "j-1" and all("data" in o and "parameters" not in o for o in response["outputs"])
+    assert np.abs(result.as_numpy("logits") - logits_of(reference, x)).max() <= 1e-5
+    assert (result.as_numpy("label") == logits_of(reference, x).argmax(1)).all()
+    assert result.as_numpy("probabilities") is None  # not requested, not sent
+
+
+def test_http_binary_mode_equals_the_training_model(http_client: triton_http.InferenceServerClient,
+                                                    reference: torch.nn.Module) -> None:
+    """tritonclient.http's defaults: the input as binary data after the JSON, every output back as binary."""
+    x = np.ascontiguousarray(digits()[0][16:40])
+    result = http_client.infer("digits", http_inputs(x, binary=True), request_id="b-1", headers=auth())
+    response = result.get_response()
+    assert response["id"] == "b-1" and {"logits", "label", "probabilities"} <= {o["name"] for o in
+                                                                                response["outputs"]}
+    assert all(o["parameters"]["binary_data_size"] > 0 and "data" not in o for o in response["outputs"])
+    assert np.abs(result.as_numpy("logits") - logits_of(reference, x)).max() <= 1e-5
+    probabilities = torch.softmax(torch.from_numpy(logits_of(reference, x)), 1).numpy()
+    assert np.abs(result.as_numpy("probabilities") - probabilities).max() <= 1e-5
+    # a binary input with one output binary and the other JSON, gzip-compressed both ways
+    outputs = [triton_http.InferRequestedOutput("logits", binary_data=True),
+               triton_http.InferRequestedOutput("label", binary_data=False)]
+    result = http_client.infer("digits", http_inputs(x, binary=True), outputs=outputs, headers=auth(),
+                               request_compression_algorithm="gzip", response_compression_algorithm="gzip")
+    assert np.abs(result.as_numpy("logits") - logits_of(reference, x)).max() <= 1e-5
+    assert (result.as_numpy("label") == logits_of(reference, x).argmax(1)).all()
+
+
+def test_http_async_infer(http_client: triton_http.InferenceServerClient, reference: torch.nn.Module) -> None:
+    xs = [np.ascontiguousarray(digits()[0][i * 4:(i + 1) * 4]) for i in range(6)]
+    pending = [http_client.async_infer("digits", http_inputs(x, binary=i % 2 == 0), request_id=str(i),
+                                       headers=auth()) for i, x in enumerate(xs)]
+    for i, (x, call) in enumerate(zip(xs, pending, strict=True)):
+        result = call.get_result(timeout=60)
+        assert result.get_response()["id"] == str(i)
+        assert np.abs(result.as_numpy("logits") - logits_of(reference, x)).max() <= 1e-5
+
+
+def test_http_aio_client(door: FrontDoor, reference: torch.nn.Module) -> None:
+    async def main() -> np.ndarray:
+        async with triton_http_aio.InferenceServerClient(door.http_url.removeprefix("http://")) as c:
+            tensor = triton_http_aio.InferInput("input", [2, 1, 8, 8], "FP32")
+            tensor.set_data_from_numpy(x)
+            return (await c.infer("digits", [tensor], headers=auth())).as_numpy("logits")
+
+    x = np.ascontiguousarray(digits()[0][:2])
+    assert np.abs(asyncio.run(main()) - logits_of(reference, x)).max() <= 1e-5
+
+
+def test_http_errors_reach_the_caller(http_client: triton_http.InferenceServerClient) -> None:
+    x = np.zeros((1, 1, 8, 8), np.float32)
+    with pytest.raises(InferenceServerException) as caught:
+        http_client.infer("digits", http_inputs(x, binary=True))  # no token
+    assert caught.value.status() == "401" and "authorization" in caught.value.message()
+    bad = triton_http.InferInput("input", [1, 1, 8, 7], "FP32")
+    bad.set_data_from_numpy(np.zeros((1, 1, 8, 7), np.float32))
+    with pytest.raises(InferenceServerException) as caught:
+        http_client.infer("digits", [bad], headers=auth())
+    assert caught.value.status() == "400" and "[n, 1, 8, 8]" in caught.value.message()
+    assert http_client.infer("digits", http_inputs(x, binary=True), headers=auth()).as_numpy("label").shape == (1,)
+
+
+def test_encoded_images_as_bytes_over_http_and_grpc(door: FrontDoor, http_client: triton_http.InferenceServerClient,
+                                                    client: triton.InferenceServerClient) -> None:
+    """Image models also take encoded files, one BYTES element per row: the same answer from tritonclient.http
+    (binary), tritonclient.grpc and plain JSON with base64 elements, with class names as BYTES outputs."""
+    meta = http_client.get_model_metadata("digits", headers=auth())
+    if not any(t["name"] == "image" and t["datatype"] == "BYTES" for t in meta["inputs"]):
+        pytest.skip("this model declares no BYTES image input")
+    from PIL import Image
+
+    def png(pixels: np.ndarray) -> bytes:  # (1, 8, 8) floats in [0, 1]
+        out = io.BytesIO()
+        Image.fromarray((pixels[0] * 255).round().astype(np.uint8), mode="L").save(out, format="PNG")
+        return out.getvalue()
+
+    files = np.array([png(x) for x in digits()[0][:5]], dtype=object)
+    http_tensor = triton_http.InferInput("image", [len(files)], "BYTES")
+    http_tensor.set_data_from_numpy(files)
+    grpc_tensor = triton.InferInput("image", [len(files)], "BYTES")
+    grpc_tensor.set_data_from_numpy(files)
+    answers = [http_client.infer("digits", [http_tensor], headers=auth()),
+               client.infer("digits", [grpc_tensor], headers=HEADERS)]
+    labels = [a.as_numpy("label") for a in answers]
+    names = [a.as_numpy("class_name") for a in answers]
+    body = {"inputs": [{"name": "image", "shape": [len(files)], "datatype": "BYTES",
+                        "data": [base64.b64encode(f).decode() for f in files],
+                        "parameters": {"content_type": "base64"}}]}  # JSON carries text: files go as base64
+    answer = httpx.post(f"{door.http_url}/v2/models/digits/infer", json=body, headers=auth(), timeout=30)
+    outputs = {o["name"]: o["data"] for o in answer.json()["outputs"]}
+    labels.append(np.array(outputs["label"]))
+    names.append(np.array([n.encode() for n in outputs["class_name"]], dtype=object))
+    assert labels[0].shape == (5,) and all((label == labels[0]).all() for label in labels)
+    assert names[0].dtype == object and all(type(v) is bytes for v in names[0])
+    assert all(list(n) == list(names[0]) for n in names)

@@ -30,10 +30,10 @@ SLOW_HANDLER = f'''"""Test-only handler: the production handler, answering {SLOW
 the deadline)."""
 import time
 
-from handler import DigitsHandler
+from handler import GradserveHandler
 
 
-class SlowHandler(DigitsHandler):
+class SlowHandler(GradserveHandler):
     def inference(self, data, *args, **kwargs):
         time.sleep({SLOW_SLEEP_S})
         return super().inference(data, *args, **kwargs)

@@ -92,6 +92,8 @@ def infer_requests(draw: st.DrawFn) -> tuple[pb.ModelInferRequest, set[str]]:
                 typed = values.tolist()
             elif field == "bool_contents":
                 typed = [bool(v) for v in np.nan_to_num(values)]
+            elif field == "bytes_contents":  # BYTES: encoded files, which the digits model does not take
+                typed = [b"\x89PNG"] * elements
             else:  # integer fields: any value of the field's width, in range for the declared type or not
                 low, high = FIELD_RANGES[field]
                 typed = [draw(st.integers(low, high)) for _ in range(min(elements, 3))] * (elements // 3 + 1)

@@ -122,7 +122,7 @@ def test_packaging_refuses_a_planted_checkpoint(planted_run: tuple[Path, Path], 
 
 def test_the_handler_refuses_planted_weights(tmp_path_factory: pytest.TempPathFactory, tmp_path: Path) -> None:
     """An attacker who rewrites the whole archive (weights and the manifest's sha256) still runs no code."""
-    from handlers.handler import DigitsHandler
+    from handlers.handler import GradserveHandler
     from handlers.local import context, unpack
 
     model_dir = unpack(built_store(tmp_path_factory).path / "digits.mar", tmp_path / "model")
@@ -135,7 +135,7 @@ def test_the_handler_refuses_planted_weights(tmp_path_factory: pytest.TempPathFa
     manifest["weights"]["sha256"] = hashlib.sha256((model_dir / "weights.pt").read_bytes()).hexdigest()
     (model_dir / "gradserve.json").write_text(json.dumps(manifest))
     with pytest.raises(Exception, match="Weights only load failed"):
-        DigitsHandler().initialize(context(model_dir))
+        GradserveHandler().initialize(context(model_dir))
     assert not marker.exists()
 
 

@@ -14,7 +14,7 @@ from typing import Any
 
 from gradserve.errors import UsageError
 from training.config import TrainConfig
-from training.data import load_splits
+from training.datasets import load_splits
 from training.multitask.report import write_comparison_plot
 from training.summary import write_json
 from training.train import train
@@ -25,7 +25,7 @@ METHODS = ("equal", "gradnorm")
 def compare(cfg: TrainConfig) -> Path:
     if cfg.multitask is None:
         raise UsageError("--compare needs a train config with a multitask: section (see gradserve-multitask.yaml)")
-    data = load_splits(cfg.dataset, cfg.val_fraction, cfg.test_fraction, cfg.seed)  # one split for both runs
+    data = load_splits(cfg)  # one split for both runs
     runs = {}
     for method in METHODS:
         run_cfg = replace(cfg, name=f"{cfg.name}-{method}", multitask=replace(cfg.multitask, method=method))

@@ -84,7 +84,7 @@ class MultitaskObjective(Objective):
     def describe(self) -> str:
         return f"multitask {self.section.method} (alpha {self.section.alpha}) over tasks {list(self.section.tasks)}"
 
-    def start(self, model: nn.Module, device: torch.device) -> None:
+    def start(self, model: nn.Module, device: torch.device, data: Splits) -> None:
         s = self.section
         self.balancer = TaskWeights(len(self.tasks), s.alpha, s.weight_lr, learn=s.method == "gradnorm", device=device)
         self.shared = last_shared_weight(model)
