@@ -1,6 +1,7 @@
 """`gradserve run` (what `make run` calls): train and package the demo model when the model store has no
-archive, then serve it in the foreground and print where to reach it, which checkpoint is served and why, and
-one command each to try gRPC, REST and a batch job. Ctrl-C stops the front door and TorchServe.
+archive of it, then serve the store (the demo, and any model packaged beside it) in the foreground and print
+where to reach it, which checkpoint is served and why, and one command each to try gRPC, REST and a batch job.
+Ctrl-C stops the front door and TorchServe.
 
 The bearer token (serve.auth.token, or $GRADSERVE_TOKEN) is honoured and never printed: the banner says where
 it came from, and its commands read it from the environment.
@@ -36,7 +37,8 @@ def main(args: argparse.Namespace) -> int:
         raise UsageError(str(e)) from None
     config = gradserve_config.load(ServeConfig, args.config, "serve",
                                    {"listen.grpc_port": args.grpc_port, "listen.http_port": args.http_port})
-    if args.retrain or not any(Path(config.model_store).glob("*.mar")):
+    demo = gradserve_config.load_file(args.config).get("train", {}).get("name", "digits")
+    if args.retrain or not (Path(config.model_store) / f"{demo}.mar").exists():
         build_demo_archive(args.config)
     return asyncio.run(serve(config, on_ready=lambda: print(banner(config), flush=True)))
 

@@ -277,7 +277,7 @@ def read_inference(body: bytes, header_length: str | None) -> Inference:
     request = _json_object(text, binary is None)
     parameters = _parameters(request, "the request")
     entries = request.get("inputs")
-    if not isinstance(entries, list) or not entries:
+    if not isinstance(entries, list):  # an empty one is the model's to refuse, naming what it takes
         raise InvalidInput(f"the request has no list of inputs; send {SHAPE_OF_A_REQUEST}")
     inputs: dict[str, np.ndarray] = {}
     for i, entry in enumerate(entries):

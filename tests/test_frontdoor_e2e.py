@@ -110,14 +110,17 @@ def test_health_serving_without_token_and_reflection_lists_services(door: FrontD
 def test_metadata_from_the_manifest(stub: pb_grpc.GRPCInferenceServiceStub, door: FrontDoor) -> None:
     meta = stub.ModelMetadata(pb.ModelMetadataRequest(name="digits"), timeout=5, metadata=AUTH)
     assert (meta.name, list(meta.versions), meta.platform) == ("digits", ["1.0"], "pytorch_torchserve")
-    assert [(t.name, t.datatype, list(t.shape)) for t in meta.inputs] == [("input", "FP32", [-1, 1, 8, 8])]
-    assert [t.name for t in meta.outputs] == ["logits", "label", "probabilities"]
+    # the pixels, or (an image model) the image files themselves
+    assert [(t.name, t.datatype, list(t.shape)) for t in meta.inputs] == [("input", "FP32", [-1, 1, 8, 8]),
+                                                                         ("image", "BYTES", [-1])]
+    assert [t.name for t in meta.outputs] == ["logits", "label", "probabilities", "class_name"]
     assert meta.parameters["record.step"].int64_param > 0
     assert meta.parameters["selection.rule_satisfied"].bool_param is True
     assert len(meta.parameters["weights_sha256"].string_param) == 64
     assert stub.ModelReady(pb.ModelReadyRequest(name="digits"), timeout=5, metadata=AUTH).ready
     rest = httpx.get(f"{door.http_url}/v2/models/digits", headers=door.headers).json()
-    assert rest["inputs"] == [{"name": "input", "datatype": "FP32", "shape": [-1, 1, 8, 8]}]
+    assert rest["inputs"] == [{"name": "input", "datatype": "FP32", "shape": [-1, 1, 8, 8]},
+                              {"name": "image", "datatype": "BYTES", "shape": [-1]}]
     assert rest["parameters"]["weights_sha256"] == meta.parameters["weights_sha256"].string_param
 
 

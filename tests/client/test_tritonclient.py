@@ -61,8 +61,9 @@ def test_readiness_and_metadata(client: triton.InferenceServerClient) -> None:
     assert client.is_model_ready("digits", headers=HEADERS)
     meta = client.get_model_metadata("digits", headers=HEADERS)
     assert meta.name == "digits" and list(meta.versions) == ["1.0"]
-    assert [(t.name, t.datatype, list(t.shape)) for t in meta.inputs] == [("input", "FP32", [-1, 1, 8, 8])]
-    assert {t.name for t in meta.outputs} == {"logits", "label", "probabilities"}
+    assert [(t.name, t.datatype, list(t.shape)) for t in meta.inputs] == [("input", "FP32", [-1, 1, 8, 8]),
+                                                                         ("image", "BYTES", [-1])]
+    assert {t.name for t in meta.outputs} == {"logits", "label", "probabilities", "class_name"}
     assert client.get_server_metadata(headers=HEADERS).name == "gradserve"
 
 
