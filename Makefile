@@ -40,6 +40,12 @@ bench: bootstrap
 	test -f runs/digits/selection.json || $(MAKE) archive
 	$(VENV)/bin/gradserve bench --config gradserve.yaml
 
+# The checkpoint rule measured on every shipped data set, early stopping on and off (docs/study/; ~20-30 min on
+# 2 cores, finished runs reused on the next call). Not part of `make test`.
+.PHONY: study
+study: bootstrap
+	$(VENV)/bin/gradserve study --suite docs/study/suite.yaml --no-progress
+
 # Build the container image with podman (installed if missing), run it, check gRPC and REST predictions.
 image-test: bootstrap
 	test -n "$$(ls model_store/*.mar 2>/dev/null)" || $(MAKE) archive

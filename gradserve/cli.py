@@ -16,6 +16,7 @@ STAGES: dict[str, tuple[str, str]] = {
     "train": ("training.cli", "train a model, watching the gradient norm; writes runs/<name>/"),
     "select": ("training.select_cli", "redo the checkpoint choice of a run with other rule parameters"),
     "package": ("training.package", "build model_store/<name>.mar from a run's selected checkpoint"),
+    "study": ("training.study.cli", "measure the checkpoint rule against best-val, last and the oracle, per seed"),
     "serve": ("server.main", "start TorchServe on loopback and the gRPC/REST front door"),
     "run": ("gradserve.run", "train and package the demo if no archive exists, then serve it"),
     "predict": ("client.predict", "send an .npy/.json input over gRPC or REST and print predictions"),

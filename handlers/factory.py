@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from torch import nn
@@ -45,6 +47,17 @@ class ModelSpec:
     def from_dict(cls, d: dict[str, Any]) -> ModelSpec:
         return cls(str(d["factory"]), tuple(int(v) for v in d["in_shape"]), int(d["num_classes"]),
                    dict(d.get("args") or {}))
+
+
+def forget_foreign(factories: tuple[str | None, ...], folder: Path) -> None:
+    """Make the factories' top-level modules import from `folder`: a module of the same name imported earlier
+    from elsewhere (another user's folder or archive, in a process that handles several) is forgotten."""
+    folder = folder.resolve()
+    for top in {f.partition(":")[0].split(".")[0] for f in factories if f}:
+        where = getattr(sys.modules.get(top), "__file__", None)
+        if where and folder not in Path(where).resolve().parents:
+            for name in [n for n in sys.modules if n == top or n.startswith(f"{top}.")]:
+                del sys.modules[name]
 
 
 def import_factory(spec: str) -> Callable[..., Any]:

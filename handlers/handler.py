@@ -26,7 +26,7 @@ import torch
 from ts.torch_handler.base_handler import BaseHandler
 
 from handlers import codec
-from handlers.factory import ModelSpec
+from handlers.factory import BUILTIN, ModelSpec, forget_foreign
 from handlers.manifest import InvalidRows, Manifest, validate_rows
 from handlers.preprocess import ImageError, Preprocess
 
@@ -50,7 +50,10 @@ class GradserveHandler(BaseHandler):
 
         if str(model_dir) not in sys.path:  # the archive's root: the model's code (TorchServe puts it there too)
             sys.path.insert(0, str(model_dir))
-        model = ModelSpec.from_dict(self.manifest.model_config).build()
+        spec = ModelSpec.from_dict(self.manifest.model_config)
+        if spec.factory != BUILTIN:  # this archive's module, not one of the same name another archive loaded
+            forget_foreign((spec.factory,), model_dir)
+        model = spec.build()
         weights = model_dir / self.manifest.weights_file
         model.load_state_dict(torch.load(weights, map_location=self.device, weights_only=True))
         self.model = model.to(self.device).eval()

@@ -26,7 +26,7 @@ from training.multitask.gradnorm import MIN_WEIGHT, TaskWeights, gradnorm_loss, 
 from training.multitask.objective import forward_backward
 from training.multitask.tasks import TASKS, extra_heads, task_losses, tasks_named
 
-TINY = {"channels": [8, 16], "norm": "batch", "dropout": 0.0}
+TINY = {"args": {"channels": [8, 16], "norm": "batch", "dropout": 0.0}}  # the built-in ConvNet, small
 
 
 def batch(n: int = 32) -> tuple[torch.Tensor, torch.Tensor]:

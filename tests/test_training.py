@@ -175,7 +175,7 @@ def test_config_file_and_flags(tmp_path: Path) -> None:
         ]
     )
     cfg = config_from_args(args)
-    assert (cfg.epochs, cfg.batch_size, cfg.lr, cfg.seed, cfg.model.norm, cfg.name, cfg.runs_dir) == (
+    assert (cfg.epochs, cfg.batch_size, cfg.lr, cfg.seed, cfg.model.args["norm"], cfg.name, cfg.runs_dir) == (
         3,
         16,
         0.1,

@@ -61,6 +61,9 @@ class DataSection:
     args: dict[str, Any] = field(default_factory=dict)  # python: keyword arguments of the factory
     standardize: bool | None = None  # inputs standardised with the training split's statistics; None: yes,
     #                                  but for the digits demo (its archive takes pixels in [0, 1] as they are)
+    label_noise: float = 0.0  # classification: this share of the *training* labels is flipped to another class
+    #                           (seeded by train.seed; validation and test keep their true labels). A stress test
+    #                           of early stopping and checkpoint choice (`gradserve study`), not a regulariser
 
     def __post_init__(self) -> None:
         if isinstance(self.image, dict):
@@ -76,6 +79,9 @@ class DataSection:
             raise ValueError("data.kind csv needs data.label: the column (or columns, for regression) to predict")
         if self.kind == "python" and not self.factory:
             raise ValueError("data.kind python needs data.factory: 'module:callable' returning (x, y[, labels])")
+        if not 0 <= self.label_noise < 1:
+            raise ValueError(f"data.label_noise must be in [0, 1) (the share of training labels flipped), "
+                             f"got {self.label_noise}")
 
     @property
     def standardized(self) -> bool:
@@ -187,6 +193,8 @@ class TrainConfig:
             )
         if self.task not in TASKS:
             problems.append(f"task must be one of {TASKS}, got {self.task!r}")
+        if self.data.label_noise and self.task != "classification":
+            problems.append("data.label_noise flips class labels: it needs task classification")
         if self.multitask is not None and (self.task != "classification" or self.data.kind != "digits"
                                            or not self.model.builtin):
             problems.append("multitask trains the built-in ConvNet on the bundled digits (its tasks are derived "

@@ -8,6 +8,9 @@
 - npz          arrays x, y and optional labels
 - python       a factory "module:callable" (+ args) returning (x, y) or (x, y, labels) NumPy arrays
 
+`data.label_noise: 0.2` (classification) flips 20% of the training labels to another class, seeded by the run's
+seed; validation and test stay clean (with_label_noise): the noisy-labels case of `gradserve study`.
+
 Every mistake in the data stops the run before its first iteration with a DataError that names the file, the
 column or the row, and what to do.
 """
@@ -16,19 +19,22 @@ from __future__ import annotations
 
 import csv
 import math
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
+import torch
 from sklearn.datasets import load_digits
 
 from gradserve.errors import UsageError
 from handlers.factory import FactoryError, import_factory
 from handlers.preprocess import MODES, ImageError, Preprocess, load_image
 from training.config import DataSection, TrainConfig
-from training.data import Splits, preprocessed_splits, split_indices
+from training.data import Split, Splits, preprocessed_splits, split_indices
 
 DIGITS_SCALE = 1 / 16  # digits pixels are integers 0..16
 SPLIT_FOLDERS = ("train", "val", "test")
+LABEL_NOISE_STREAM = 0x1ABE1  # with_label_noise's random stream, apart from the split's and the model's
 
 
 class DataError(UsageError):
@@ -39,7 +45,27 @@ Parts = dict[str, tuple[np.ndarray, np.ndarray]]
 
 
 def load_splits(cfg: TrainConfig) -> Splits:
-    """The config's data, split (seeded; stratified for classification) and preprocessed."""
+    """The config's data, split (seeded; stratified for classification) and preprocessed; with
+    `data.label_noise`, a share of the training labels flipped (with_label_noise)."""
+    splits = _load_splits(cfg)
+    return with_label_noise(splits, cfg.data.label_noise, cfg.seed) if cfg.data.label_noise else splits
+
+
+def with_label_noise(splits: Splits, share: float, seed: int) -> Splits:
+    """The training split with round(share x N) of its labels, picked at random, each moved to another class
+    drawn uniformly. Validation and test keep their true labels, so early stopping, the checkpoint rule and the
+    test scores all measure the true task while the network fits wrong labels. Seeded by `seed` on a stream of
+    its own, so the split and the initialisation are the same as without noise."""
+    y = splits.train.y.numpy().copy()  # (N,) class indices
+    rng = np.random.default_rng([seed, LABEL_NOISE_STREAM])
+    flipped = rng.choice(len(y), size=round(share * len(y)), replace=False)
+    classes = len(splits.labels)
+    y[flipped] = (y[flipped] + rng.integers(1, classes, size=len(flipped))) % classes  # never the true class
+    noise = {"label_noise": {"share": share, "flipped": len(flipped), "of": len(y), "seed": seed}}
+    return replace(splits, train=Split(splits.train.x, torch.from_numpy(y)), sources={**splits.sources, **noise})
+
+
+def _load_splits(cfg: TrainConfig) -> Splits:
     data = cfg.data
     if data.kind == "digits":
         return load_digits_splits(cfg.val_fraction, cfg.test_fraction, cfg.seed, data.standardized)
@@ -66,8 +92,6 @@ def load_digits_splits(val_fraction: float, test_fraction: float, seed: int, sta
     parts = {"train": (x[train], y[train]), "val": (x[val], y[val]), "test": (x[test], y[test])}
     splits = preprocessed_splits(parts, tuple(str(k) for k in range(10)), "classification", preprocess,
                                  standardize, "digits")
-    from dataclasses import replace
-
     return replace(splits, scale=DIGITS_SCALE)
 
 

@@ -8,9 +8,12 @@ packaging refuses it, saying to rename it.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib.machinery
+import json
 import shutil
+import subprocess
 import sys
 from pathlib import Path
 
@@ -52,8 +55,7 @@ def _locate(top: str, code_dir: str | None, factory: str) -> Path:
     if top in RESERVED or top in sys.builtin_module_names or top in sys.stdlib_module_names:
         raise UsageError(f"the model factory {factory!r} lives in a module named {top!r}, which the serving "
                          "environment already has: rename your module (e.g. my_{top}.py) and its factory string")
-    others = [p for p in sys.path if p and Path(p).resolve() != Path(code_dir or "").resolve()]
-    existing = importlib.machinery.PathFinder.find_spec(top, others)
+    existing = importlib.machinery.PathFinder.find_spec(top, serving_path())
     if existing is not None:
         where = existing.origin or (list(existing.submodule_search_locations or []) or ["?"])[0]
         raise UsageError(f"your module {top!r} (factory {factory!r}) shadows {top!r} that the serving environment "
@@ -66,6 +68,15 @@ def _locate(top: str, code_dir: str | None, factory: str) -> Path:
         return Path(next(iter(found.submodule_search_locations)))
     assert found.origin is not None
     return Path(found.origin)
+
+
+@functools.cache
+def serving_path() -> list[str]:
+    """sys.path of a clean interpreter of this environment (`python -I`): what TorchServe's worker imports from,
+    besides the archive (not what this process added for the user's code)."""
+    done = subprocess.run([sys.executable, "-I", "-c", "import json, sys; print(json.dumps(sys.path))"],
+                          capture_output=True, text=True, timeout=60, check=True)
+    return [p for p in json.loads(done.stdout) if p]
 
 
 def sha256(path: Path) -> str:

@@ -1,5 +1,6 @@
 """report.png: the gradient norm per iteration (raw and smoothed) and per record, training and validation loss,
-the loss gate (loss_ratio x baseline), the norm's peak and the chosen checkpoint. Built from the run's files alone."""
+the loss gate (loss_ratio x baseline), the norm's peak, the records that met the rule (shaded: selection.json's
+`eligible`) and the chosen one. Built from the run's files alone."""
 
 from __future__ import annotations
 
@@ -20,6 +21,16 @@ def ema(values: list[float], alpha: float = 0.05) -> list[float]:
             avg = v if math.isnan(avg) else (1 - alpha) * avg + alpha * v
         out.append(avg)
     return out
+
+
+def shade_eligible(ax: plt.Axes, steps: list[int], eligible: list[int]) -> None:
+    """Shade each record that met the rule over the half-way marks to its neighbours, so that a run of eligible
+    records reads as one band and a lone one as a stripe; a chosen checkpoint outside them is a fallback."""
+    for n, j in enumerate(eligible):
+        left = (steps[j - 1] + steps[j]) / 2 if j > 0 else steps[j]
+        right = (steps[j] + steps[j + 1]) / 2 if j + 1 < len(steps) else steps[j]
+        label = f"met the rule ({len(eligible)} records)" if n == 0 else None
+        ax.axvspan(left, right, color="tab:green", alpha=0.15, linewidth=0, label=label)
 
 
 def write_report(run_dir: Path, loss_label: str = "cross-entropy") -> Path:
@@ -54,6 +65,7 @@ def write_report(run_dir: Path, loss_label: str = "cross-entropy") -> Path:
     bottom.set_xlabel("optimizer step")
     bottom.set_ylabel(loss_label)
     for ax in (top, bottom):
+        shade_eligible(ax, steps, selection["eligible"])
         ax.axvline(selection["step"], color="black", linestyle=":", label=f"chosen (step {selection['step']})")
         ax.legend(fontsize=8, loc="upper right")
         ax.grid(alpha=0.3)

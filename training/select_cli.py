@@ -57,7 +57,7 @@ def refresh_outputs(run_dir: Path, chosen: int) -> None:
     summary_path = run_dir / "summary.json"
     if not summary_path.exists():
         return
-    put_code_on_path(cfg.code_dir)
+    put_code_on_path(cfg.code_dir, cfg.model.factory, cfg.data.factory)
     try:
         data = load_splits(cfg)  # the same split: the config's seed, and the same files
     except UsageError as e:

@@ -18,7 +18,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from gradserve.errors import UsageError
-from handlers.factory import FactoryError, ModelSpec
+from handlers.factory import FactoryError, ModelSpec, forget_foreign
 from training.config import TrainConfig
 from training.data import Splits, batch_bounds
 from training.datasets import load_splits
@@ -75,7 +75,7 @@ def setup(cfg: TrainConfig, data: Splits | None, dist: Dist, objective: Objectiv
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     device = pick_device(cfg, dist)
-    put_code_on_path(cfg.code_dir)
+    put_code_on_path(cfg.code_dir, cfg.model.factory, cfg.data.factory)
     data = data or load_splits(cfg)
     model_spec, model = model_for(cfg, data, dist, objective, device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -121,11 +121,17 @@ def has_batchnorm(model: nn.Module) -> bool:
     return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
 
 
-def put_code_on_path(code_dir: str | None) -> None:
+def put_code_on_path(code_dir: str | None, *factories: str | None) -> None:
     """The user's code folder first on sys.path, for their model and data factories (it stays there: what was
-    imported from it must stay importable for the rest of the run)."""
-    if code_dir and str(code_dir) not in sys.path:
-        sys.path.insert(0, str(code_dir))
+    imported from it must stay importable for the rest of the run). A module of the same name imported earlier
+    from elsewhere (another user folder, in a process that trains several) is forgotten, so that this folder's
+    is the one imported."""
+    if not code_dir:
+        return
+    if str(code_dir) in sys.path:
+        sys.path.remove(str(code_dir))
+    sys.path.insert(0, str(code_dir))
+    forget_foreign(factories, Path(code_dir))
 
 
 def model_for(
