@@ -1,10 +1,11 @@
 """The front door's data plane: the gRPC servicer and the REST app both call `Backend`.
 
-It validates a request against the model's manifest (handlers/manifest.py, the same check the handler makes),
-admits it within the in-flight limit, coalesces concurrent small requests (server/coalescer.py), hands the rows
-to the model server with the caller's remaining deadline, and turns the handler's payload (tensors or an error)
-into outputs or a domain error (server/errors.py). The model server is TorchServe's client
-(server/torchserve/client.py), given to the constructor; unit tests give a fake.
+It finds the version a request names (or the model's default: server/lifecycle.py), validates the request
+against its manifest (handlers/manifest.py, the same check the handler makes), admits it within the in-flight
+limit, coalesces concurrent small requests (server/coalescer.py), hands the rows to the model server with the
+caller's remaining deadline, and turns the handler's payload (tensors or an error) into outputs or a domain
+error (server/errors.py). The model server is TorchServe's client (server/torchserve/client.py); unit tests give
+a fake.
 """
 
 from __future__ import annotations
@@ -12,66 +13,60 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import math
 from collections.abc import Callable, Mapping, Sequence
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 
 from handlers import codec
 from handlers.manifest import InvalidRows, Manifest, validate_rows
-from server import errors
+from server import errors, oip
 from server.coalescer import Coalescer, Outputs
 from server.config import ServeConfig
-from server.errors import DeadlineExceeded, InvalidInput, ModelNotFound, Overloaded, Unavailable
-from server.models import ServedModel
+from server.errors import DeadlineExceeded, InvalidInput, Overloaded, Unavailable
+from server.lifecycle import ModelManager, Version
+from server.models import version_key
 
 log = logging.getLogger(__name__)
+
+JSON_VALUE_BYTES = 32  # a number written as JSON text, with its separator, at most (e.g. -1.2345678901234567e-300,)
 
 
 class ModelServer(Protocol):
     """What the data plane needs of TorchServe (server/torchserve/client.py's TorchServeClient)."""
 
-    def ready(self, model: str) -> bool: ...
-
-    def add_listener(self, listener: Callable[[], None]) -> None: ...
-
     async def predict(self, model: str, payload: bytes, deadline: float) -> bytes: ...
 
 
 class Backend:
-    def __init__(self, config: ServeConfig, registry: Mapping[str, ServedModel], server: ModelServer,
+    def __init__(self, config: ServeConfig, models: ModelManager, server: ModelServer,
                  observe_group: Callable[[str, int], None] | None = None) -> None:
         self._config = config
-        self._registry = dict(registry)
+        self._models = models
         self._server = server
+        self._observe = observe_group or (lambda model, rows: None)
         self._in_flight = 0
         self._draining = False
         self._was_ready = False
         self._listeners: list[Callable[[bool], None]] = []
-        observe = observe_group or (lambda model, rows: None)
-        c = config.coalesce
-        # One coalescer per model and input: the rows of one call to TorchServe are all of one input.
-        self._coalescers = {
-            (name, spec.name): Coalescer(functools.partial(self._predict, served.manifest, spec.name), c.max_rows,
-                                         c.max_delay_ms / 1000, c.max_calls, functools.partial(observe, name))
-            for name, served in self._registry.items() for spec in served.manifest.inputs
-        }
-        server.add_listener(self._readiness_changed)
+        # One coalescer per loaded build and input: the rows of one call to TorchServe are all of one input.
+        self._coalescers: dict[tuple[str, str], Coalescer] = {}
+        models.add_listener(self._readiness_changed)
 
     # --- state ---------------------------------------------------------------------------------------------
 
     @property
-    def models(self) -> dict[str, ServedModel]:
-        return dict(self._registry)
+    def models(self) -> ModelManager:
+        return self._models
 
     @property
     def in_flight(self) -> int:
         return self._in_flight
 
     def ready(self) -> bool:
-        """Every model served, and not shutting down."""
-        serving = bool(self._registry) and all(self._server.ready(name) for name in self._registry)
-        return serving and not self._draining
+        """The models are served (ModelManager.serving), and not shutting down."""
+        return self._models.serving() and not self._draining
 
     def add_ready_listener(self, listener: Callable[[bool], None]) -> None:
         """`listener(ready)` runs whenever `ready()` changes (health, metrics)."""
@@ -86,17 +81,52 @@ class Backend:
                 listener(now)
 
     def model(self, name: str, version: str = "") -> Manifest:
-        served = self._registry.get(name)
-        if served is None:
-            raise ModelNotFound(f"unknown model {name!r}; this server serves {sorted(self._registry)}")
-        if version and version != served.manifest.version:
-            raise ModelNotFound(f"model {name!r} has no version {version!r}; "
-                                f"it serves version {served.manifest.version!r}")
-        return served.manifest
+        """The manifest of the version a request names (or the default); Unavailable for one that failed."""
+        loaded = self._models.resolve(name, version)
+        if loaded.archive.manifest is None:
+            raise Unavailable(f"model {name!r} cannot be served: {loaded.reason}")
+        return loaded.manifest
+
+    def metadata(self, name: str, version: str = "") -> dict[str, Any]:
+        """ModelMetadata as the protocol's JSON: the version's inputs and outputs, every version of the model,
+        the default, and each version's state (and a failed one's reason) among the parameters."""
+        loaded = self._models.resolve(name, version)
+        versions = self._models.versions(name)
+        listed = sorted((v for v, lv in versions.items() if lv.state != "draining"), key=version_key)
+        extra: dict[str, str | int | float | bool] = {"default_version": self._models.default(name),
+                                                      "state": self._state(loaded)}
+        for v in listed:
+            extra[f"versions.{v}.state"] = self._state(versions[v])
+            if versions[v].reason:
+                extra[f"versions.{v}.reason"] = versions[v].reason
+        if loaded.reason:
+            extra["reason"] = loaded.reason
+        return oip.model_metadata(name, loaded.archive.manifest, listed, extra)
+
+    def _state(self, loaded: Version) -> str:
+        return "ready" if self._models.ready(loaded) else "loading" if loaded.state == "ready" else loaded.state
 
     def model_ready(self, name: str, version: str = "") -> bool:
-        self.model(name, version)
-        return not self._draining and self._server.ready(name)
+        return not self._draining and self._models.ready(self._models.resolve(name, version))
+
+    def why_not_ready(self, name: str, version: str = "") -> str:
+        loaded = self._models.resolve(name, version)
+        return loaded.reason or ("" if self._models.ready(loaded) else self._state(loaded))
+
+    def body_limit(self, name: str, version: str, binary: bool) -> int | None:
+        """The most bytes an inference request for this model can need (its max_rows rows, each value as JSON
+        text or raw bytes, and the envelope), or None when that has no bound (image files) or the model is
+        unknown (the route answers that)."""
+        try:
+            manifest = self.model(name, version)
+        except errors.ServeError:
+            return None
+        if any(spec.datatype == "BYTES" for spec in manifest.inputs):
+            return None
+        rows = min(manifest.max_rows, self._config.limits.max_rows)
+        values = max(math.prod(spec.row_shape) for spec in manifest.inputs)
+        per_value = max(codec.dtype_of(s.datatype).itemsize for s in manifest.inputs) if binary else JSON_VALUE_BYTES
+        return rows * values * per_value + self._config.limits.envelope_bytes
 
     def drain(self) -> None:
         """Shutting down: report not ready and refuse new requests; accepted ones still finish."""
@@ -109,32 +139,41 @@ class Backend:
                     outputs: Sequence[str] = (), timeout: float | None = None) -> tuple[Manifest, Outputs]:
         """The requested outputs (all when empty) for `inputs`, within `timeout` seconds (the caller's
         remaining deadline; the configured default when None)."""
+        if self._draining:  # accepted requests still finish; new ones go elsewhere
+            raise Unavailable("the server is shutting down; retry (another replica will answer)")
         manifest = self.model(name, version)
         try:
             input_name, rows = validate_rows(manifest, inputs, self._config.limits.max_rows)
         except InvalidRows as e:
             raise InvalidInput(str(e)) from None
         wanted = _requested(manifest, outputs)
-        if self._draining:  # accepted requests still finish; new ones go elsewhere
-            raise Unavailable("the server is shutting down; retry (another replica will answer)")
-        if not self._server.ready(name):  # TorchServe's state
-            raise Unavailable(f"model {name!r} is not ready (TorchServe is starting or restarting); retry shortly")
+        loaded = self._models.route(name, version)
         if self._in_flight >= self._config.limits.max_in_flight:
             raise Overloaded(f"the server has {self._in_flight} requests in flight; retry with backoff")
         timeout = self._config.limits.default_timeout_s if timeout is None else timeout
         loop = asyncio.get_running_loop()
         self._in_flight += 1
         try:
-            async with asyncio.timeout(timeout):
-                result = await self._coalescers[name, input_name].submit(rows, loop.time() + timeout)
+            with self._models.in_flight(loaded):
+                async with asyncio.timeout(timeout):
+                    result = await self._coalescer(loaded, input_name).submit(rows, loop.time() + timeout)
         except TimeoutError:
             raise DeadlineExceeded(f"no answer within the deadline of {timeout:.3f} s") from None
         finally:
             self._in_flight -= 1
-        return manifest, {k: result[k] for k in wanted}
+        return loaded.manifest, {k: result[k] for k in wanted}
 
-    async def _predict(self, manifest: Manifest, input_name: str, rows: np.ndarray, deadline: float) -> Outputs:
-        answer = await self._server.predict(manifest.name, codec.encode({input_name: rows}), deadline)
+    def _coalescer(self, loaded: Version, input_name: str) -> Coalescer:
+        key = (loaded.internal, input_name)
+        if key not in self._coalescers:
+            c = self._config.coalesce
+            self._coalescers[key] = Coalescer(
+                functools.partial(self._predict, loaded.internal, input_name), c.max_rows, c.max_delay_ms / 1000,
+                c.max_calls, functools.partial(self._observe, loaded.archive.name))
+        return self._coalescers[key]
+
+    async def _predict(self, internal: str, input_name: str, rows: np.ndarray, deadline: float) -> Outputs:
+        answer = await self._server.predict(internal, codec.encode({input_name: rows}), deadline)
         try:
             message = codec.decode(answer)
         except codec.CodecError as e:

@@ -37,10 +37,24 @@ class Listen:
             raise ValueError("TLS needs both tls_cert and tls_key (or neither)")
 
 
+AUTH_MODES = ("token", "none")
+
+
 @dataclass(frozen=True)
 class Auth:
-    # Bearer token every call but health must carry; None: no authentication.
+    """Bearer tokens every call but health must carry: `token` (or $GRADSERVE_TOKEN), and/or `token_file` (one
+    token per line; re-read when it changes, so a token is rotated without a restart, several lines being valid
+    at once meanwhile). With neither, the front door answers only on loopback, unless `mode: none` says that
+    something else (a mesh) authenticates."""
+
     token: str | None = env_field(ENV_TOKEN)
+    token_file: str | None = path_field()
+    mode: str = "token"  # token | none (authentication off on purpose)
+    token_file_poll_s: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.mode not in AUTH_MODES:
+            raise ValueError(f"auth.mode must be one of {AUTH_MODES}, got {self.mode!r}")
 
 
 @dataclass(frozen=True)
@@ -94,6 +108,8 @@ class Shutdown:
 @dataclass(frozen=True)
 class ServeConfig:
     model_store: str = path_field("model_store")
+    default_versions: dict[str, str] = field(default_factory=dict)  # model -> the version requests get by default
+    watch_s: float = 2.0  # the model store is read again this often (0: only at start and on SIGHUP)
     listen: Listen = field(default_factory=Listen)
     auth: Auth = field(default_factory=Auth)
     limits: Limits = field(default_factory=Limits)

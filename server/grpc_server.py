@@ -10,7 +10,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from server.auth import TokenInterceptor
+from server.auth import TokenInterceptor, Tokens
 from server.backend import Backend
 from server.config import ServeConfig
 from server.generated import grpc_service_pb2_grpc
@@ -18,10 +18,10 @@ from server.grpc_servicer import InferenceServicer
 from server.health import INFERENCE_SERVICE, ReadinessHealth
 
 
-def create_server(config: ServeConfig, backend: Backend) -> tuple[grpc.aio.Server, int]:
+def create_server(config: ServeConfig, backend: Backend, tokens: Tokens) -> tuple[grpc.aio.Server, int]:
     limit, listen = config.limits.max_message_bytes, config.listen
     server = grpc.aio.server(
-        interceptors=[TokenInterceptor(config.auth.token)] if config.auth.token else [],
+        interceptors=[TokenInterceptor(tokens)] if tokens.required else [],
         options=[("grpc.max_receive_message_length", limit), ("grpc.max_send_message_length", limit),
                  ("grpc.so_reuseport", 0),
                  # Close connections after a few minutes (in-flight calls get a grace period) so clients

@@ -26,6 +26,8 @@ Request = TypeVar("Request")
 Response = TypeVar("Response")
 Handler = Callable[[Any, Request, grpc.aio.ServicerContext, metrics.Observation], Awaitable[Response]]
 
+TYPED_IN_THREAD = 65536  # typed values in a request beyond which it is decoded in a thread
+
 # Typed contents field for each datatype (the protocol packs the small integer types into 32 bits).
 CONTENTS_FIELD = {
     "BOOL": "bool_contents", "INT8": "int_contents", "INT16": "int_contents", "INT32": "int_contents",
@@ -79,7 +81,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     @rpc("ModelMetadata")
     async def ModelMetadata(self, request: pb.ModelMetadataRequest, context: grpc.aio.ServicerContext,
                             obs: metrics.Observation) -> pb.ModelMetadataResponse:
-        return model_metadata(self._backend.model(request.name, request.version))
+        return model_metadata(self._backend.metadata(request.name, request.version))
 
     @rpc("ModelInfer")
     async def ModelInfer(self, request: pb.ModelInferRequest, context: grpc.aio.ServicerContext,
@@ -120,7 +122,10 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     async def _infer(self, request: pb.ModelInferRequest, obs: metrics.Observation, timeout: float | None
                      ) -> pb.ModelInferResponse:
-        inputs = decode_inputs(request)
+        # Raw contents decode without a copy; many typed values take a while: off the event loop, then.
+        typed = sum(len(getattr(t.contents, CONTENTS_FIELD.get(t.datatype, "fp32_contents"))) for t in request.inputs
+                    if t.HasField("contents"))
+        inputs = await asyncio.to_thread(decode_inputs, request) if typed > TYPED_IN_THREAD else decode_inputs(request)
         obs.rows = max((len(x) for x in inputs.values() if x.ndim), default=0)
         requested = [o.name for o in request.outputs]
         manifest, outputs = await self._backend.infer(request.model_name, request.model_version, inputs, requested,
@@ -128,8 +133,8 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         return encode_outputs(manifest, request.id, outputs)
 
 
-def model_metadata(manifest: Manifest) -> pb.ModelMetadataResponse:
-    meta = oip.model_metadata(manifest)
+def model_metadata(meta: dict[str, Any]) -> pb.ModelMetadataResponse:
+    """ModelMetadata from the protocol's JSON (server/oip.py builds it for both transports)."""
     tensor = pb.ModelMetadataResponse.TensorMetadata
     return pb.ModelMetadataResponse(
         name=meta["name"], versions=meta["versions"], platform=meta["platform"],

@@ -11,17 +11,20 @@ import asyncio
 import contextlib
 import logging
 import signal
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Coroutine, Iterator
 from pathlib import Path
+from typing import Any
 
 import uvicorn
 
 from gradserve import config as gradserve_config
+from gradserve.errors import UsageError
 from server import metrics
+from server.auth import Tokens, check_exposure
 from server.backend import Backend
 from server.config import ServeConfig
 from server.grpc_server import create_server
-from server.models import ServedModel, load_registry
+from server.lifecycle import ModelManager
 from server.rest import create_app
 from server.torchserve.client import TorchServeClient
 from server.torchserve.process import TorchServeConfig
@@ -32,6 +35,7 @@ log = logging.getLogger("gradserve.serve")
 # flag -> the ServeConfig field it sets (dotted for nested sections)
 FLAGS = {"host": "listen.host", "grpc_port": "listen.grpc_port", "http_port": "listen.http_port",
          "model_store": "model_store", "torchserve_workdir": "torchserve.workdir", "token": "auth.token",
+         "token_file": "auth.token_file", "auth_mode": "auth.mode", "watch": "watch_s",
          "tls_cert": "listen.tls_cert", "tls_key": "listen.tls_key", "max_rows": "limits.max_rows",
          "max_message_bytes": "limits.max_message_bytes", "max_in_flight": "limits.max_in_flight",
          "token_expiration_min": "torchserve.token_expiration_min"}
@@ -45,7 +49,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model-store", default=None, help="folder of .mar archives (default model_store)")
     parser.add_argument("--torchserve-workdir", default=None, help="TorchServe's working folder")
     parser.add_argument("--token", default=None,
-                        help="bearer token clients must send (default: $GRADSERVE_TOKEN; unset: no auth)")
+                        help="bearer token clients must send (default: $GRADSERVE_TOKEN)")
+    parser.add_argument("--token-file", default=None,
+                        help="file of valid tokens, one per line, read again when it changes (e.g. a mounted Secret)")
+    parser.add_argument("--no-auth", dest="auth_mode", action="store_const", const="none", default=None,
+                        help="no authentication, on purpose (something in front authenticates); logs a warning")
+    parser.add_argument("--watch", type=float, default=None,
+                        help="seconds between readings of the model store (default 2; 0: only at start and SIGHUP)")
     parser.add_argument("--tls-cert", default=None, help="PEM certificate for gRPC and HTTPS")
     parser.add_argument("--tls-key", default=None, help="PEM private key for gRPC and HTTPS")
     parser.add_argument("--max-rows", type=int, default=None, help="rows one request may carry")
@@ -71,39 +81,53 @@ def configure_logging() -> None:
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per readiness poll is noise
 
 
-def torchserve_config(config: ServeConfig, registry: dict[str, ServedModel]) -> TorchServeConfig:
+def torchserve_config(config: ServeConfig) -> TorchServeConfig:
+    """TorchServe with no model at start: the model manager loads each archive itself (server/lifecycle.py)."""
     return TorchServeConfig(
-        model_store=Path(config.model_store), workdir=Path(config.torchserve.workdir),
-        models=tuple(served.archive.name for served in registry.values()),
-        token_expiration_min=config.torchserve.token_expiration_min,
+        model_store=Path(config.model_store), workdir=Path(config.torchserve.workdir), models=(),
+        enable_model_api=True, token_expiration_min=config.torchserve.token_expiration_min,
         max_request_size=config.limits.max_message_bytes + config.limits.envelope_bytes,
         job_queue_size=config.torchserve.queue_size)
 
 
 async def serve(config: ServeConfig, on_ready: Callable[[], None] | None = None) -> int:
     """Serve until SIGTERM/SIGINT; `on_ready()` runs once, the first time every model is served."""
-    registry = load_registry(Path(config.model_store))
+    tokens = Tokens(config.auth)
+    check_exposure(config.listen.host, tokens, config.auth)
+    store = Path(config.model_store)
+    if not store.is_dir():
+        raise UsageError(f"the model store {store} is not a folder: build an archive there with `gradserve package`")
     client = TorchServeClient(config.torchserve, config.limits.max_message_bytes + config.limits.envelope_bytes)
-    backend = Backend(config, registry, client, metrics.observe_batch)
+    models = ModelManager(store, client, config.default_versions, load_timeout_s=config.torchserve.ready_timeout_s)
+    backend = Backend(config, models, client, metrics.observe_batch)
     backend.add_ready_listener(lambda ready: metrics.READY.set(int(ready)))
     if on_ready is not None:
         backend.add_ready_listener(_first_time(on_ready))
-    grpc_server, grpc_port = create_server(config, backend)
-    http = _http_server(config, backend)
-    supervisor = Supervisor(torchserve_config(config, registry), client, config.torchserve, metrics.RESTARTS.inc)
+    grpc_server, grpc_port = create_server(config, backend, tokens)
+    http = _http_server(config, backend, tokens)
+    supervisor = Supervisor(torchserve_config(config), client, config.torchserve, models.torchserve_started,
+                            models.torchserve_stopped, metrics.RESTARTS.inc)
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    background: set[asyncio.Task[None]] = set()
+    loop.add_signal_handler(signal.SIGHUP, lambda: _spawn(background, models.reload()))  # read the store now
 
     await grpc_server.start()
     http_task = asyncio.create_task(http.serve()) if http else None
     supervisor.start()
+    if config.watch_s > 0:
+        _spawn(background, models.watch(config.watch_s))
+    if config.auth.token_file:
+        _spawn(background, tokens.watch())
     listen = config.listen
-    log.info("front door: gRPC on %s:%d, HTTP on %s; models %s", listen.host, grpc_port,
-             f"{listen.host}:{listen.http_port}" if http else "off", sorted(registry))
+    log.info("front door: gRPC on %s:%d, HTTP on %s; model store %s", listen.host, grpc_port,
+             f"{listen.host}:{listen.http_port}" if http else "off", store)
     await stop.wait()
+    for task in background:
+        task.cancel()
 
     grace = config.shutdown.grace_s
     log.info("stopping: in-flight requests get up to %.1f s", grace)
@@ -118,8 +142,15 @@ async def serve(config: ServeConfig, on_ready: Callable[[], None] | None = None)
         http.should_exit = True
     await asyncio.gather(grpc_server.stop(max(deadline - loop.time(), 0.5)), *([http_task] if http_task else []))
     await supervisor.stop()
+    await models.close()
     log.info("stopped")
     return 0
+
+
+def _spawn(tasks: set[asyncio.Task[None]], work: Coroutine[Any, Any, None]) -> None:
+    task = asyncio.get_running_loop().create_task(work)
+    tasks.add(task)
+    task.add_done_callback(tasks.discard)
 
 
 def _first_time(announce: Callable[[], None]) -> Callable[[bool], None]:
@@ -142,11 +173,11 @@ class _Server(uvicorn.Server):
         yield
 
 
-def _http_server(config: ServeConfig, backend: Backend) -> _Server | None:
+def _http_server(config: ServeConfig, backend: Backend, tokens: Tokens) -> _Server | None:
     listen = config.listen
     if listen.http_port < 0:
         return None
     return _Server(uvicorn.Config(
-        create_app(config, backend), host=listen.host, port=listen.http_port, log_level="warning",
+        create_app(config, backend, tokens), host=listen.host, port=listen.http_port, log_level="warning",
         access_log=False, lifespan="off", timeout_graceful_shutdown=int(config.shutdown.grace_s) or 1,
         ssl_certfile=listen.tls_cert, ssl_keyfile=listen.tls_key))

@@ -30,14 +30,19 @@ def server_metadata() -> dict[str, Any]:
     return {"name": SERVER_NAME, "version": SERVER_VERSION, "extensions": list(EXTENSIONS)}
 
 
-def model_metadata(manifest: Manifest) -> dict[str, Any]:
-    """ModelMetadata as the protocol's JSON; `parameters` (MLServer's extension) carries the selection record."""
+def model_metadata(name: str, manifest: Manifest | None, versions: Sequence[str],
+                   extra: dict[str, str | int | float | bool] | None = None) -> dict[str, Any]:
+    """ModelMetadata as the protocol's JSON: the model's versions, and the inputs and outputs of the version asked
+    for (none when its archive cannot be read); `parameters` (MLServer's extension) carries the selection record
+    and `extra` (the versions' states)."""
     def tensors(specs: Sequence[Any]) -> list[dict[str, Any]]:
         return [{"name": s.name, "datatype": s.datatype, "shape": list(s.shape)} for s in specs]
 
-    return {"name": manifest.name, "versions": [manifest.version], "platform": manifest.platform,
-            "inputs": tensors(manifest.inputs), "outputs": tensors(manifest.outputs),
-            "parameters": manifest.properties()}
+    return {"name": name, "versions": list(versions),
+            "platform": manifest.platform if manifest else "pytorch_torchserve",
+            "inputs": tensors(manifest.inputs) if manifest else [],
+            "outputs": tensors(manifest.outputs) if manifest else [],
+            "parameters": {**(manifest.properties() if manifest else {}), **(extra or {})}}
 
 
 def _header(name: str, datatype: str, shape: Sequence[int]) -> tuple[np.dtype, int]:

@@ -15,6 +15,7 @@ checked here, and turned into arrays by numpy; the pydantic models below only de
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import inspect
 import re
@@ -40,7 +41,8 @@ from server.backend import Backend
 from server.config import ServeConfig
 from server.errors import InvalidInput, MessageTooLarge, Unauthenticated, status_of
 
-OPEN_PATHS = (*auth.OPEN_HTTP_PATHS, "/docs", "/openapi.json")
+INFER_PATH = re.compile(r"/v2/models/(?P<model>[^/]+)(?:/versions/(?P<version>[^/]+))?/infer")
+PARSE_IN_THREAD_BYTES = 256 * 1024  # a body larger than this parses off the event loop
 Endpoint = Callable[..., Awaitable[Response]]
 HEADER_LENGTH = "Inference-Header-Content-Length"  # Triton's binary tensor data extension
 SHAPE_OF_A_REQUEST = ('{"inputs": [{"name": ..., "shape": [...], "datatype": ..., "data": [...]}]} '
@@ -135,11 +137,12 @@ def route(method: str) -> Callable[[Endpoint], Endpoint]:
     return decorate
 
 
-def create_app(config: ServeConfig, backend: Backend) -> FastAPI:
-    app = FastAPI(title="gradserve", version=oip.SERVER_VERSION,
+def create_app(config: ServeConfig, backend: Backend, tokens: auth.Tokens) -> FastAPI:
+    app = FastAPI(title="gradserve", version=oip.SERVER_VERSION, docs_url=None, redoc_url=None,
                   description="Open Inference Protocol v2 (KServe v2) in front of TorchServe")
 
-    app.add_middleware(Guard, config=config)
+    app.add_middleware(Guard, config=config, tokens=tokens, backend=backend)
+    _offline_docs(app)
 
     @app.get("/v2")
     async def server_metadata() -> dict[str, Any]:
@@ -158,20 +161,28 @@ def create_app(config: ServeConfig, backend: Backend) -> FastAPI:
     @app.get("/v2/models/{model}/versions/{version}")
     @route("ModelMetadata")
     async def model_metadata(model: str, obs: metrics.Observation, version: str = "") -> JSONResponse:
-        return JSONResponse(oip.model_metadata(backend.model(model, version)))
+        return JSONResponse(backend.metadata(model, version))
 
     @app.get("/v2/models/{model}/ready")
     @app.get("/v2/models/{model}/versions/{version}/ready")
     @route("ModelReady")
     async def model_ready(model: str, obs: metrics.Observation, version: str = "") -> JSONResponse:
         ok = backend.model_ready(model, version)
+        if not ok:  # why, for people and probes alike: loading, draining, or a failed version's reason
+            return JSONResponse({"name": model, "ready": False, "reason": backend.why_not_ready(model, version)},
+                                status_code=503)
         return JSONResponse({"name": model, "ready": ok}, status_code=200 if ok else 503)
 
     @app.post("/v2/models/{model}/infer", response_model=InferenceResponse, **INFER_DOCS)
     @app.post("/v2/models/{model}/versions/{version}/infer", response_model=InferenceResponse, **INFER_DOCS)
     @route("ModelInfer")
     async def infer(model: str, request: Request, obs: metrics.Observation, version: str = "") -> Response:
-        call = read_inference(await _body(request, config.limits.max_message_bytes), request.headers.get(HEADER_LENGTH))
+        body = await _body(request, config.limits.max_message_bytes)
+        header_length = request.headers.get(HEADER_LENGTH)
+        if len(body) > PARSE_IN_THREAD_BYTES:  # a large body parses in a thread: other clients are not held up
+            call = await asyncio.to_thread(read_inference, body, header_length)
+        else:
+            call = read_inference(body, header_length)
         obs.rows = max((len(x) for x in call.inputs.values() if x.ndim), default=0)
         manifest, outputs = await backend.infer(model, version, call.inputs, call.outputs, _timeout(request))
         return inference_response(manifest, call, outputs)
@@ -189,29 +200,45 @@ def create_app(config: ServeConfig, backend: Backend) -> FastAPI:
 
 
 class Guard:
-    """Auth on every path but health and the API description, and the message-size limit, as plain ASGI
-    middleware (FastAPI's @app.middleware wraps every request in extra tasks and streams; this costs nothing)."""
+    """Auth on every path but health, and the size limit of a request's body, as plain ASGI middleware
+    (FastAPI's @app.middleware wraps every request in extra tasks and streams; this costs nothing).
 
-    def __init__(self, app: ASGIApp, config: ServeConfig) -> None:
+    The limit of an inference request is what its model can take (backend.body_limit: its rows times a row's
+    size in the body's encoding), within the server's max_message_bytes: a body announced larger is refused
+    with 413 before it is read, and one that grows larger while read (chunked) as soon as it does."""
+
+    def __init__(self, app: ASGIApp, config: ServeConfig, tokens: auth.Tokens, backend: Backend) -> None:
         self.app = app
         self.config = config
+        self.tokens = tokens
+        self.backend = backend
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http":
             headers = Headers(scope=scope)
             try:
-                if scope["path"] not in OPEN_PATHS and not auth.authorized(self.config.auth.token,
-                                                                           headers.get("authorization")):
+                if scope["path"] not in auth.OPEN_HTTP_PATHS and not self.tokens.authorized(
+                        headers.get("authorization")):
                     raise Unauthenticated(auth.MESSAGE)
+                limit = self._limit(scope["path"], headers)
                 length = int(headers.get("content-length") or 0)
-                limit = self.config.limits.max_message_bytes
                 if length > limit:
-                    raise MessageTooLarge(f"the request has {length} bytes; the limit is {limit}")
+                    raise MessageTooLarge(f"the request has {length} bytes; the limit is {limit} (the most its "
+                                          "model's largest request takes, or the server's limit); send fewer rows")
             except Exception as e:
                 await _error(e)(scope, receive, send)
                 return
             receive = _limited(receive, limit)
         await self.app(scope, receive, send)
+
+    def _limit(self, path: str, headers: Headers) -> int:
+        limit = self.config.limits.max_message_bytes
+        match = INFER_PATH.fullmatch(path)
+        if match and headers.get("content-encoding") in (None, "identity"):
+            model_limit = self.backend.body_limit(match["model"], match["version"] or "",
+                                                  binary=headers.get(HEADER_LENGTH) is not None)
+            limit = min(limit, model_limit or limit)
+        return limit
 
 
 def _limited(receive: Receive, limit: int) -> Receive:
@@ -428,3 +455,20 @@ def _error(error: Exception, obs: metrics.Observation | None = None) -> JSONResp
         obs.status = status.grpc.name  # one status vocabulary for both protocols
     return JSONResponse({"error": message}, status_code=status.http)
 
+
+
+def _offline_docs(app: FastAPI) -> None:
+    """/docs with Swagger UI's script and styles served from here (the pinned swagger-ui-bundle-v2 package):
+    a public CDN is out of reach in an air-gapped cluster, and the page would stay blank."""
+    from fastapi.openapi.docs import get_swagger_ui_html
+    from fastapi.staticfiles import StaticFiles
+    from swagger_ui_bundle import swagger_ui_path
+
+    app.mount("/docs/assets", StaticFiles(directory=str(swagger_ui_path)), name="swagger-ui")
+
+    @app.get("/docs", include_in_schema=False)
+    async def docs() -> Response:
+        return get_swagger_ui_html(openapi_url="/openapi.json", title="gradserve: API",
+                                   swagger_js_url="/docs/assets/swagger-ui-bundle.js",
+                                   swagger_css_url="/docs/assets/swagger-ui.css",
+                                   swagger_favicon_url="/docs/assets/favicon-32x32.png")

@@ -26,6 +26,7 @@ from gradserve.config import build
 from handlers import codec
 from handlers.manifest import Manifest
 from server import errors
+from server.auth import Tokens
 from server.backend import Backend
 from server.coalescer import Coalescer
 from server.config import Coalesce, Limits, Listen, ServeConfig
@@ -34,7 +35,8 @@ from server.generated import grpc_service_pb2 as pb
 from server.generated import grpc_service_pb2_grpc as pb_grpc
 from server.generated import torchserve_pb2_grpc
 from server.grpc_server import create_server
-from server.models import ServedModel
+from server.lifecycle import ModelManager
+from server.models import Archive
 from server.rest import create_app
 from server.torchserve.client import TorchServeClient, backend_error
 from server.torchserve.process import Endpoint
@@ -105,7 +107,7 @@ class FakeTorchServe:
         await asyncio.sleep(self.delay)
         if self.fail is not None:
             raise self.fail
-        if model == "files":
+        if model.startswith("files--"):  # TorchServe's name of the build: <name>--<version>--<sha>
             return codec.encode(fake_files_outputs(tensors))
         if (rows == -1).any():  # a poisoned row the door let through: the handler refuses the whole call
             return codec.encode_error(codec.INVALID_ARGUMENT, "row with -1")
@@ -113,15 +115,14 @@ class FakeTorchServe:
         return codec.encode({"logits": logits, "label": logits.argmax(1).astype(np.int64)})
 
 
-def registry() -> dict[str, ServedModel]:
-    return {"digits": ServedModel(Manifest.from_dict(MANIFEST), Path("digits.mar"))}
+DIGITS = Archive(Path("digits-1.0.mar"), "ab" * 32, Manifest.from_dict(MANIFEST))
 
 
 def fake_backend(config: ServeConfig, **fake: object) -> tuple[Backend, FakeTorchServe]:
     """The digits model and the image model behind the real Backend, on a fake TorchServe."""
     torchserve = FakeTorchServe(**fake)  # type: ignore[arg-type]
-    models = {**registry(), "files": ServedModel(Manifest.from_dict(FILES_MANIFEST), Path("files.mar"))}
-    return Backend(config, models, torchserve), torchserve
+    files = Archive(Path("files-1.0.mar"), "cd" * 32, Manifest.from_dict(FILES_MANIFEST))
+    return Backend(config, ModelManager.loaded([DIGITS, files], torchserve), torchserve), torchserve
 
 
 # --- the error table ------------------------------------------------------------------------------------------
@@ -198,9 +199,9 @@ def test_torchserve_dying_under_calls_answers_them_unavailable(tmp_path: Path) -
         management, url = await fake_management_api()
         client = TorchServeClient()
         config = ServeConfig(coalesce=Coalesce(max_rows=64, max_calls=1))
-        backend = Backend(config, registry(), client)
+        backend = Backend(config, ModelManager.loaded([DIGITS], client), client)
         await client.connect(Endpoint(f"127.0.0.1:{port}", url, url, write_key_file(tmp_path / "keys.json")),
-                             ["digits"])
+                             [DIGITS.internal_name])
         await client.poll_ready()
         assert backend.ready()
         try:
@@ -291,7 +292,7 @@ def test_a_bad_member_fails_alone() -> None:
 def run_with_server(config: ServeConfig, body, **fake: object) -> None:  # type: ignore[no-untyped-def]
     async def main() -> None:
         backend, torchserve = fake_backend(config, **fake)
-        server, port = create_server(config, backend)
+        server, port = create_server(config, backend, Tokens(config.auth))
         await server.start()
         try:
             await body(torchserve, f"127.0.0.1:{port}")
@@ -390,7 +391,7 @@ def test_typed_contents_equal_raw() -> None:
 def test_rest_routes_and_error_statuses() -> None:
     async def main() -> None:
         backend, _ = fake_backend(CONFIG)
-        app = create_app(CONFIG, backend)
+        app = create_app(CONFIG, backend, Tokens(CONFIG.auth))
         auth = {"authorization": "Bearer t0k"}
         x = np.random.default_rng(2).random((2, 1, 8, 8), dtype=np.float32)
         body = {"id": "q", "inputs": [{"name": "input", "shape": [2, 1, 8, 8], "datatype": "FP32",
@@ -411,7 +412,9 @@ def test_rest_routes_and_error_statuses() -> None:
             assert junk.status_code == 400 and junk.json()["error"]
             huge = await http.post("/v2/models/digits/infer", content=b"x" * 70000, headers=auth)
             assert huge.status_code == 413
-            assert "/v2/models/{model}/infer" in (await http.get("/openapi.json")).json()["paths"]
+            assert "/v2/models/{model}/infer" in (await http.get("/openapi.json", headers=auth)).json()["paths"]
+            for path in ("/openapi.json", "/docs", "/metrics"):  # with a token set, only health is open
+                assert (await http.get(path)).status_code == 401
             metrics = (await http.get("/metrics", headers=auth)).text
             assert 'protocol="rest",status="NOT_FOUND"' in metrics
 
@@ -477,7 +480,7 @@ def read_binary_response(response: httpx.Response) -> tuple[dict, dict[str, byte
 
 
 def rest_app() -> FastAPI:
-    return create_app(CONFIG, fake_backend(CONFIG)[0])
+    return create_app(CONFIG, fake_backend(CONFIG)[0], Tokens(CONFIG.auth))
 
 
 async def post(http: httpx.AsyncClient, model: str, body: dict | bytes, headers: dict | None = None) -> httpx.Response:

@@ -92,6 +92,18 @@ def test_the_grid_point_is_picked_on_validation_even_when_test_prefers_another()
     assert got["rule-grid"]["gap"]["test_accuracy"] == pytest.approx(10.0)  # the honest price of picking on val
 
 
+def test_a_grid_point_that_mostly_falls_back_does_not_compete() -> None:
+    """window 5 never settles in these records (a rise at index 6 sits in every window of 5 after the peak), so
+    it falls back to the lowest validation loss (index 7): the lowest mean validation loss of the grid, but that
+    is best-validation under another name, not the rule."""
+    norms, vals = [1, 3, 2.9, 2.8, 2.7, 2.6, 2.9, 2.8], [2, 1.5, 1.2, 1.0, 0.9, 0.8, 0.7, 0.3]
+    chosen, table = pick_grid([view(norms, vals), view(norms, vals, seed=1)], SelectionRule())
+    never = [row for row in table if row["rule"].decline_window == 5]
+    assert all(row["satisfied"] == 0 for row in never)
+    assert min(table, key=lambda row: row["mean_val_loss"])["rule"].decline_window == 5
+    assert chosen == SelectionRule() and select_checkpoint(records(norms, vals), 2.3, chosen).index == 5
+
+
 def test_the_configured_rule_wins_ties_in_the_grid() -> None:
     chosen, table = pick_grid([view()], SelectionRule(decline_window=2, tolerance=0.1))
     assert chosen == SelectionRule(decline_window=2, tolerance=0.1) and table[0]["rule"] == chosen

@@ -24,11 +24,11 @@ from torchserve_fixtures import packaged_store, predictions_stub, running_torchs
 
 from handlers import codec
 from handlers.factory import ModelSpec
-from handlers.manifest import Manifest
 from server.backend import Backend
 from server.config import ServeConfig, TorchServeSection
 from server.generated import torchserve_pb2
-from server.models import ServedModel
+from server.lifecycle import ModelManager
+from server.models import read_archive
 from server.torchserve.client import Keys, TorchServeClient, wait_until_ready
 from server.torchserve.process import TorchServe, TorchServeConfig, TorchServeError, archive_model_name, check_java
 
@@ -175,17 +175,21 @@ def test_rest_body_carries_the_same_bytes(torchserve: TorchServe, store: Path) -
     np.testing.assert_allclose(reply.tensors["logits"], expected, atol=1e-5, rtol=0)
 
 
-def test_the_backend_follows_keys_renewed_behind_its_back(torchserve: TorchServe, store: Path) -> None:
+def test_the_backend_follows_keys_renewed_behind_its_back(store: Path, tmp_path: Path) -> None:
     """TorchServe drops a key the moment it issues the next one, before it has rewritten its key file: the
     front door's backend, holding the old keys, must stay ready and keep answering (a readiness poll refused
-    once made a whole replica unready for a poll interval, and thousands of requests UNAVAILABLE)."""
-    served = {"digits": ServedModel(Manifest.from_archive(store / "digits.mar"), store / "digits.mar")}
+    once made a whole replica unready for a poll interval, and thousands of requests UNAVAILABLE). TorchServe
+    runs as the front door runs it: no model at start, the archive loaded through its model API."""
+    archive = read_archive(store / "digits.mar")
     x = digits()[0][:3]
+    torchserve = TorchServe(TorchServeConfig(model_store=store, workdir=tmp_path / "ts", enable_model_api=True))
 
     async def scenario() -> list[bool]:
         client = TorchServeClient(TorchServeSection(ready_poll_s=3600))
-        backend = Backend(ServeConfig(), served, client)
+        backend = Backend(ServeConfig(), ModelManager.loaded([archive], client), client)
+        await asyncio.to_thread(torchserve.start)
         await client.start(torchserve, 60)
+        await client.register(torchserve, "digits.mar", archive.internal_name, timeout=60)
         readiness = [backend.ready()]
         try:
             for _ in range(3):
@@ -198,7 +202,10 @@ def test_the_backend_follows_keys_renewed_behind_its_back(torchserve: TorchServe
             await client.stop()
         return readiness
 
-    assert asyncio.run(scenario()) == [True] * 4
+    try:
+        assert asyncio.run(scenario()) == [True] * 4
+    finally:
+        torchserve.stop()
 
 
 def test_a_model_that_cannot_load_fails_the_start_fast_with_the_workers_words(store: Path, tmp_path: Path) -> None:

@@ -117,6 +117,10 @@ def _grpc_bearer(key: str) -> tuple[tuple[str, str], ...]:
 # --- the client ----------------------------------------------------------------------------------------------
 
 
+class LoadFailed(Exception):
+    """A model did not load in TorchServe; the message says why, in the worker's own words where it gave any."""
+
+
 class TorchServeClient:
     def __init__(self, settings: TorchServeSection | None = None, max_message_bytes: int = 64 * 1024 * 1024) -> None:
         self.settings = settings or TorchServeSection()
@@ -261,15 +265,61 @@ class TorchServeClient:
                 return f"model {name} has no READY worker yet"
         return None
 
-    def _check_loads(self, torchserve: TorchServe) -> None:
+    def _check_loads(self, torchserve: TorchServe, names: Sequence[str] | None = None,
+                     before: dict[str, int] | None = None) -> None:
+        """Fail (TorchServeError) when a model's worker has died while loading `max_load_failures` times since
+        this start (or since `before`, the counts at its registration)."""
         ts_log = torchserve.log_since_start(torchserve.ts_log_path)
-        for name, failures in load_failures(ts_log, self._models).items():
+        for name, failures in load_failures(ts_log, self._models if names is None else names).items():
+            failures -= (before or {}).get(name, 0)
             if failures >= self.settings.max_load_failures:
                 reason = load_error(torchserve.log_since_start(torchserve.model_log_path), name)
                 raise TorchServeError(
                     f"model {name!r}: its worker failed to load {failures} times (TorchServe keeps retrying): "
                     f"{reason or 'it gave no reason'}. Fix or remove its archive; the worker's log "
                     f"is {torchserve.model_log_path}")
+
+    # --- models loaded at run time ---------------------------------------------------------------------
+
+    async def register(self, torchserve: TorchServe, archive: str, name: str, workers: int = 1,
+                       timeout: float | None = None) -> None:
+        """Load the archive `archive` (a file in TorchServe's model store) as model `name`, and wait until a
+        worker serves it (its handler has initialised: the model is loaded and warmed up). LoadFailed, after
+        unloading what TorchServe kept retrying, when it does not come up."""
+        keys = self._keys
+        if self._http is None or keys is None:
+            raise LoadFailed("TorchServe is not running")
+        before = load_failures(torchserve.log_since_start(torchserve.ts_log_path), [name])
+        params = {"url": archive, "model_name": name, "initial_workers": workers, "synchronous": "false"}
+        response = await self._http.post("/models", params=params, headers=_bearer(keys.management))
+        if response.status_code not in (200, 202):
+            raise LoadFailed(f"TorchServe refused to load {archive}: {response.status_code} {response.text.strip()}")
+        self._models.append(name)
+        self._unknown_polls[name] = 0
+        limit = self.settings.ready_timeout_s if timeout is None else timeout
+        deadline = time.monotonic() + limit
+        try:
+            while not await self._has_ready_worker(name):
+                self._check_loads(torchserve, [name], before)
+                if time.monotonic() > deadline or not torchserve.alive:
+                    raise TorchServeError(f"model {name!r} has no READY worker after {limit:.0f} s")
+                await asyncio.sleep(0.2)
+        except TorchServeError as e:
+            await self.unregister(name)
+            raise LoadFailed(str(e)) from None
+        await self.poll_ready()
+
+    async def unregister(self, name: str) -> None:
+        """Unload model `name` (every version of it TorchServe holds); a model it does not know is no error."""
+        if name in self._models:
+            self._models.remove(name)
+        keys = self._keys
+        if self._http is not None and keys is not None:
+            try:
+                await self._http.delete(f"/models/{name}", headers=_bearer(keys.management), timeout=30)
+            except httpx.HTTPError as e:
+                log.warning("unloading %s from TorchServe failed: %s", name, e)
+        self._set_ready({k: v for k, v in self._ready.items() if k != name})
 
     # --- keys --------------------------------------------------------------------------------------------
 

@@ -47,6 +47,7 @@ class TorchServeConfig:
     netty_threads: int = 0                # 0: TorchServe's default (number of cores)
     max_request_size: int = 64 * 1024 * 1024
     enable_metrics_api: bool = False
+    enable_model_api: bool = False        # the front door turns it on to load and unload archives itself
     log_config: Path | None = LOG_CONFIG  # None: TorchServe's own log4j2.xml (several lines per request)
 
     def __post_init__(self) -> None:
@@ -118,7 +119,11 @@ class TorchServe:
             "grpc_management_port": c.grpc_management_port,
             "model_store": c.model_store,
             "load_models": ",".join(c.models) if c.models else "",
-            "enable_model_api": "false",
+            # The front door loads and unloads archives while it runs (new versions, a changed store). The API
+            # answers on loopback only, to the management key only this process reads, and loads only archives
+            # in the model store: no URL matches allowed_urls, so nothing is ever downloaded.
+            "enable_model_api": str(c.enable_model_api).lower(),
+            "allowed_urls": "^gradserve-loads-local-archives-only$",
             "disable_token_authorization": "false",
             "token_expiration_min": c.token_expiration_min,
             "enable_metrics_api": str(c.enable_metrics_api).lower(),

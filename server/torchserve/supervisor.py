@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 from server.config import TorchServeSection
 from server.torchserve.client import TorchServeClient
@@ -16,10 +16,13 @@ log = logging.getLogger("gradserve.serve")
 
 class Supervisor:
     def __init__(self, process_config: TorchServeConfig, client: TorchServeClient, settings: TorchServeSection,
-                 on_restart: Callable[[], None] = lambda: None) -> None:
+                 on_started: Callable[[TorchServe], Awaitable[None]] | None = None,
+                 on_stopped: Callable[[], None] = lambda: None, on_restart: Callable[[], None] = lambda: None) -> None:
         self.torchserve = TorchServe(process_config)
         self._client = client
         self._settings = settings
+        self._on_started = on_started  # told once TorchServe serves (the model manager loads the store then)
+        self._on_stopped = on_stopped  # told when it has died
         self._on_restart = on_restart  # told before each restart (the restarts metric)
         self._task: asyncio.Task[None] | None = None
 
@@ -63,6 +66,8 @@ class Supervisor:
             await asyncio.to_thread(self.torchserve.stop, 2.0)
             return False
         log.info("TorchServe ready (pid %s)", self.torchserve.pid)
+        if self._on_started is not None:
+            await self._on_started(self.torchserve)
         return True
 
     async def _watch(self) -> None:
@@ -73,4 +78,5 @@ class Supervisor:
         log.error("TorchServe (pid %s) exited with code %s; last log lines:\n%s", ts.pid, ts.returncode,
                   ts.log_tail(10))
         await self._client.stop()
+        self._on_stopped()
         await asyncio.to_thread(ts.stop, 2.0)  # reap its workers too

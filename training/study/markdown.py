@@ -53,7 +53,8 @@ def study_markdown(doc: dict[str, Any]) -> str:
         "The **oracle is hindsight**: each run's checkpoint with the best test metric, which no trainer can know; "
         "gaps are measured to it (to each metric's own best checkpoint), so 0 is the best any strategy can do. "
         "Gap units: " + ", ".join(f"{m['label']} in {m['unit']}" for m in doc["metrics"]) + ". "
-        "The grid point is picked on the validation split only (lowest mean validation loss of its choices).", "",
+        "The grid point is picked on the validation split only: the lowest mean validation loss of its choices, "
+        "among the settings under which the rule was satisfied in at least half the runs.", "",
     ]
     for variant in doc["variants"]:
         lines += variant_section(doc, variant, several)

@@ -134,14 +134,17 @@ def grid_rules(configured: SelectionRule) -> list[SelectionRule]:
 def pick_grid(views: Sequence[RunView], configured: SelectionRule) -> tuple[SelectionRule, list[dict[str, Any]]]:
     """The grid point whose choices have the lowest mean *validation* loss over the runs (one setting for the
     config, as a user would write it in gradserve.yaml); ties go to the earlier point, the configured rule first.
-    The test split is never looked at. Returns the point and the table it was picked from."""
+    Only points under which the rule was satisfied in at least half the runs compete (all, when none is): a
+    setting that mostly falls back is best-validation under another name, not the rule. The test split is never
+    looked at. Returns the point and the table it was picked from."""
     table = []
     for rule in grid_rules(configured):
         picks = [select_checkpoint(v.records, v.baseline_loss, rule) for v in views]
         table.append({"rule": rule, "mean_val_loss": statistics.fmean(v.records[p.index].val_loss
                                                                       for v, p in zip(views, picks, strict=True)),
                       "satisfied": sum(p.rule_satisfied for p in picks)})
-    best = min(range(len(table)), key=lambda i: (table[i]["mean_val_loss"], i))
+    competing = [i for i, row in enumerate(table) if 2 * row["satisfied"] >= len(views)] or list(range(len(table)))
+    best = min(competing, key=lambda i: (table[i]["mean_val_loss"], i))
     return table[best]["rule"], table
 
 
