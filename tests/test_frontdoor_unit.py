@@ -643,7 +643,7 @@ def test_rest_compressed_and_chunked_bodies_keep_the_size_limit() -> None:
 def test_rest_openapi_documents_the_inference_bodies() -> None:
     async def main() -> None:
         async with httpx.AsyncClient(transport=httpx.ASGITransport(app=rest_app()), base_url="http://t") as http:
-            spec = (await http.get("/openapi.json")).json()
+            spec = (await http.get("/openapi.json", headers={"authorization": "Bearer t0k"})).json()
         infer = spec["paths"]["/v2/models/{model}/infer"]["post"]
         ref = infer["requestBody"]["content"]["application/json"]["schema"]["$ref"]
         schemas = spec["components"]["schemas"]
