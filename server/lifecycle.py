@@ -67,6 +67,7 @@ class ModelManager:
         self._versions: dict[str, dict[str, Version]] = {}  # name -> version -> Version (what requests route to)
         self._defaults: dict[str, str] = {}
         self._files: dict[Path, tuple[float, int, Archive]] = {}
+        self._scanned = False
         self._torchserve: TorchServe | None = None
         self._lock = asyncio.Lock()  # one reconciliation at a time
         self._tasks: set[asyncio.Task[None]] = set()
@@ -178,7 +179,9 @@ class ModelManager:
         """Bring what is served in line with the store: load new archives (and new builds of a version) beside
         what serves now, switch traffic once they are ready, drain and unload what the store no longer holds."""
         async with self._lock:
-            found, self._files = scan(self._store, self._files, settle_s=SETTLE_S)
+            # At start the store is taken as it is; later, a file that just changed may still be being written.
+            found, self._files = scan(self._store, self._files, settle_s=SETTLE_S if self._scanned else 0.0)
+            self._scanned = True
             current = {(n, v): loaded for n, vs in self._versions.items() for v, loaded in vs.items()}
             new = [Version(a) for key, a in found.items() if key not in current]
             rebuilt = [(Version(a), current[key]) for key, a in found.items()

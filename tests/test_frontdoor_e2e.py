@@ -172,7 +172,8 @@ def test_rest_inference_equals_the_training_model(door: FrontDoor, reference: to
     assert data["id"] == "r-7" and [o["name"] for o in data["outputs"]] == ["logits", "label"]
     logits = np.asarray(data["outputs"][0]["data"], np.float32).reshape(data["outputs"][0]["shape"])
     assert np.abs(logits - expected(reference, x)).max() <= 1e-5
-    assert "/v2/models/{model}/infer" in httpx.get(f"{door.http_url}/openapi.json").json()["paths"]
+    spec = httpx.get(f"{door.http_url}/openapi.json", headers=door.headers).json()  # docs need the token too
+    assert "/v2/models/{model}/infer" in spec["paths"]
 
 
 def test_metrics_count_requests_rows_and_batches(door: FrontDoor) -> None:

@@ -24,7 +24,8 @@ SCENARIOS = {  # scenario -> (what it does, what "failed as expected" means)
                  "empty/oversized, unknown names/versions/outputs",
     "fuzz_rest": "schemathesis: every operation of /openapi.json, positive and negative cases",
     "altered_weights": "Archive whose weights.pt was altered after packaging (TLS front door)",
-    "torchserve_exposure": "TorchServe's sockets (psutil) and its model API (a register call)",
+    "torchserve_exposure": "TorchServe's sockets (psutil) and its model API: register calls without the key, with "
+                           "a wrong one, of a URL, of a path outside the store",
     "weights_only": "Every torch.load in the repository (AST scan); planted pickles in checkpoint and weights.pt",
 }
 

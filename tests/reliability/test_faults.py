@@ -42,9 +42,15 @@ def management(door: FrontDoor, path: str) -> Any:
     return answer.json()
 
 
+def torchserve_name(door: FrontDoor, model: str) -> str:
+    """The name TorchServe knows the model's loaded build by (the front door's <name>--<version>--<sha>)."""
+    names = [m["modelName"] for m in management(door, "/models")["models"]]
+    return next(n for n in names if n.startswith(f"{model}--"))
+
+
 def worker_pids(door: FrontDoor, model: str) -> list[int]:
-    return [w["pid"] for entry in management(door, f"/models/{model}") for w in entry["workers"]
-            if w.get("status") == "READY"]
+    return [w["pid"] for entry in management(door, f"/models/{torchserve_name(door, model)}")
+            for w in entry["workers"] if w.get("status") == "READY"]
 
 
 def load_and(door: FrontDoor, reference: torch.nn.Module, fault: Callable[[], Any], lead_s: float
