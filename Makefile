@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 INSTALLED := $(VENV)/.installed-$(shell cat pyproject.toml constraints.txt | sha256sum | cut -c1-16)
 STUBS := server/generated/.built
 
-.PHONY: run test lint bootstrap archive bench reliability image-test clean
+.PHONY: run test lint bootstrap archive bench reliability image-test clean browser
 
 bootstrap: $(INSTALLED) $(STUBS)
 
@@ -27,7 +27,8 @@ lint: bootstrap
 	$(PY) -m ruff check .
 
 # tests/client uses tritonclient, whose generated `inference` protos cannot share a process with ours.
-test: lint
+# tests/test_docs_browser.py renders /docs in a real headless Chromium (`make browser` installs Debian's).
+test: lint browser
 	$(PY) -m pytest -q -p no:cacheprovider
 	$(PY) -m pytest -q -p no:cacheprovider tests/client
 
@@ -55,6 +56,11 @@ image-test: bootstrap
 archive: bootstrap
 	$(VENV)/bin/gradserve train --config gradserve.yaml
 	$(VENV)/bin/gradserve package --run runs/digits --force
+
+# Debian's Chromium, for the headless-browser test of /docs (as root, or with sudo).
+browser:
+	@command -v chromium >/dev/null || { test "$$(id -u)" = 0 && SUDO= || SUDO=sudo; \
+		$$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq chromium >/dev/null; }
 
 clean:
 	rm -rf runs model_store/*.mar server/generated

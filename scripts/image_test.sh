@@ -18,6 +18,8 @@ STATE=${GRADSERVE_PODMAN_DIR:-/var/tmp/gradserve-podman}
 IMAGE=${IMAGE:-localhost/gradserve:test}
 MODEL=${MODEL:-digits}
 READY_TIMEOUT=${READY_TIMEOUT:-300}
+# The image listens on 0.0.0.0, which the front door refuses without authentication: a token for this run.
+TOKEN=$(head -c 12 /dev/urandom | od -An -tx1 | tr -d ' \n')
 BASE=docker.io/library/debian:bookworm-slim
 NAME=gradserve-image-test-$$
 MOUNT=0
@@ -155,7 +157,7 @@ for s in socks:
     s.bind(("127.0.0.1", 0))
 print(*(s.getsockname()[1] for s in socks))')
 # Locked down as deploy/deployment.yaml runs it: read-only root (tmpfs /tmp and /app/logs), no capabilities.
-run_args=(--init -d --name "$NAME" -p "127.0.0.1:$grpc_port:8001" -p "127.0.0.1:$http_port:8000"
+run_args=(--init -d --name "$NAME" -e "GRADSERVE_TOKEN=$TOKEN" -p "127.0.0.1:$grpc_port:8001" -p "127.0.0.1:$http_port:8000"
           --read-only --tmpfs "/app/logs:rw,U" --cap-drop ALL --security-opt no-new-privileges)
 [ "$MOUNT" -eq 1 ] && run_args+=(-v "$ROOT/model_store:/app/model_store:ro")
 quiet podman run "${run_args[@]}" "$IMAGE" >/dev/null
@@ -173,7 +175,7 @@ done
 
 phase predict
 "$PY" "$ROOT/scripts/image_check.py" predict --grpc "127.0.0.1:$grpc_port" --http "http://127.0.0.1:$http_port" \
-    --model "$MODEL"
+    --model "$MODEL" --token "$TOKEN"
 # Inside, only the front door listens beyond loopback (TorchServe stays on 127.0.0.1).
 podman exec "$NAME" cat /proc/net/tcp /proc/net/tcp6 | "$PY" "$ROOT/scripts/image_check.py" listeners
 

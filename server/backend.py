@@ -114,19 +114,22 @@ class Backend:
         return loaded.reason or ("" if self._models.ready(loaded) else self._state(loaded))
 
     def body_limit(self, name: str, version: str, binary: bool) -> int | None:
-        """The most bytes an inference request for this model can need (its max_rows rows, each value as JSON
-        text or raw bytes, and the envelope), or None when that has no bound (image files) or the model is
-        unknown (the route answers that)."""
+        """The most bytes an inference request for this model can need: its max_rows rows, each value as JSON
+        text or raw bytes, and the envelope; for a model that takes image files, at least
+        limits.image_request_bytes (files have no size a shape could bound). None for an unknown model (the
+        route answers that)."""
         try:
             manifest = self.model(name, version)
         except errors.ServeError:
             return None
-        if any(spec.datatype == "BYTES" for spec in manifest.inputs):
-            return None
-        rows = min(manifest.max_rows, self._config.limits.max_rows)
-        values = max(math.prod(spec.row_shape) for spec in manifest.inputs)
-        per_value = max(codec.dtype_of(s.datatype).itemsize for s in manifest.inputs) if binary else JSON_VALUE_BYTES
-        return rows * values * per_value + self._config.limits.envelope_bytes
+        limits = self._config.limits
+        rows = min(manifest.max_rows, limits.max_rows)
+        tensors = [s for s in manifest.inputs if s.datatype != "BYTES"]
+        per_value = {s.name: codec.dtype_of(s.datatype).itemsize if binary else JSON_VALUE_BYTES for s in tensors}
+        needed = max((rows * math.prod(s.row_shape) * per_value[s.name] for s in tensors), default=0)
+        if len(tensors) < len(manifest.inputs):
+            needed = max(needed, limits.image_request_bytes)
+        return needed + limits.envelope_bytes
 
     def drain(self) -> None:
         """Shutting down: report not ready and refuse new requests; accepted ones still finish."""

@@ -64,6 +64,9 @@ class Limits:
     # TorchServe: its max_request_size and the backend channel's message limits are max_message_bytes + this.
     envelope_bytes: int = 64 * 1024
     max_rows: int = 1024  # rows one request may carry (the model's manifest may lower it)
+    # A request's body is refused before it is read when it is larger than its model can need: max_rows rows of
+    # the model's input (JSON text or raw bytes); for a model that takes image files, this many bytes of files.
+    image_request_bytes: int = 32 * MiB
     max_in_flight: int = 4096  # requests admitted at once; more are refused with RESOURCE_EXHAUSTED
     default_timeout_s: float = 30.0  # deadline of a backend call when the caller sets none
 

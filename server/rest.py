@@ -225,8 +225,13 @@ class Guard:
                 if length > limit:
                     raise MessageTooLarge(f"the request has {length} bytes; the limit is {limit} (the most its "
                                           "model's largest request takes, or the server's limit); send fewer rows")
-            except Exception as e:
-                await _error(e)(scope, receive, send)
+            except Exception as e:  # noqa: BLE001 - answered from the error table
+                response = _error(e)
+                if isinstance(e, MessageTooLarge):
+                    # Close the connection after the answer: reading (and discarding) the rest of a body we refused
+                    # would cost the event loop what refusing it early saved.
+                    response.headers["connection"] = "close"
+                await response(scope, receive, send)
                 return
             receive = _limited(receive, limit)
         await self.app(scope, receive, send)
@@ -454,7 +459,6 @@ def _error(error: Exception, obs: metrics.Observation | None = None) -> JSONResp
     if obs is not None:
         obs.status = status.grpc.name  # one status vocabulary for both protocols
     return JSONResponse({"error": message}, status_code=status.http)
-
 
 
 def _offline_docs(app: FastAPI) -> None:
