@@ -37,9 +37,23 @@ reliability: bootstrap
 	GRADSERVE_RELIABILITY=long $(PY) -m pytest -q -p no:cacheprovider tests/reliability
 	$(PY) tests/reliability/report.py --mode long
 
+# Every way into the demo and the examples' models (their archives are trained and packaged when missing);
+# BENCH_ARGS adds flags, e.g. BENCH_ARGS="--quick --peers mlserver,kserve,triton".
 bench: bootstrap
 	test -f runs/digits/selection.json || $(MAKE) archive
-	$(VENV)/bin/gradserve bench --config gradserve.yaml
+	$(VENV)/bin/gradserve bench --config gradserve.yaml $(BENCH_ARGS)
+
+# One venv per peer server for `gradserve bench --peers` (bench/.peers/<peer>/, git-ignored, pinned in
+# bench/peers/requirements-<peer>.txt; about 1.3 GB each). Not part of `make test`.
+PEERS := mlserver kserve triton
+.PHONY: bench-peers
+bench-peers: $(PEERS:%=bench/.peers/%/.installed)
+
+bench/.peers/%/.installed: bench/peers/requirements-%.txt
+	rm -rf bench/.peers/$*
+	$(PYTHON) -m venv bench/.peers/$*
+	bench/.peers/$*/bin/pip install -q --disable-pip-version-check -r $<
+	touch $@
 
 # The checkpoint rule measured on every shipped data set, early stopping on and off (docs/study/; ~20-30 min on
 # 2 cores, finished runs reused on the next call). Not part of `make test`.

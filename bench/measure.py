@@ -44,25 +44,37 @@ BY_NAME = {s.name: s for s in SCENARIOS}
 class BenchConfig:
     """`bench:` in gradserve.yaml; flags override it (`--quick` sets the QUICK values first)."""
 
-    run: str | None = path_field()  # the trained run to package and measure; None: runs_dir/<train.name>
+    models: tuple[str, ...] = ("digits", "digits-rgb", "resnet", "cancer")  # bench/models.py: what each name is
+    run: str | None = path_field()  # the config's own model's run; None: runs_dir/<train.name>
+    runs_dir: str | None = path_field()  # the examples' runs (found or trained) here; None: beside each example
+    train_epochs: int | None = None  # a model without a run is trained with its config, capped at this many epochs
+    peers: tuple[str, ...] = ()  # bench/peer_stacks.py: mlserver, kserve, triton (each from `make bench-peers`)
     out_dir: str = path_field(str(RESULTS))  # where <date>.json/.md/.png go
     seconds: float = 5.0  # measuring window per target and scenario
     warmup_s: float = 1.0
     jvm_warmup_s: float = 10.0  # c=64 per way before the first window: TorchServe's JVMs compile their hot paths
     in_process_s: float = 1.0  # per row count and path in bench/handler_throughput.py
-    batch_rows: int = 20480
+    batch_rows: int = 20480  # rows of the batch job, at most BATCH_BYTES of them
     max_other_cores: float = 0.3  # CPU used by processes not under test, in cores, before a window is repeated
     max_attempts: int = 2
     max_workers: int = 1  # maxWorkers in the archives (the handler gives each worker cores // maxWorkers threads)
     profile: bool = False  # py-spy the front door under frontdoor_grpc c64
 
 
+BATCH_BYTES = 64 * 1024 * 1024  # the batch job's input at most (a 3x64x64 model gets 1365 rows, not 20480)
 QUICK = {"seconds": 1.0, "warmup_s": 0.3, "jvm_warmup_s": 2.0, "in_process_s": 0.25, "max_attempts": 1}
 
 
 # --- processes under test and their CPU ------------------------------------------------------------------------
 
-def roles(root: psutil.Process | None, root_role: str) -> dict[str, list[psutil.Process]]:
+def torchserve_role(process: psutil.Process) -> str:
+    """What a descendant of a TorchServe-running root is: its java, its python worker, or its launcher."""
+    name, cmdline = process.name(), " ".join(process.cmdline())
+    return "ts_java" if "java" in name else "ts_worker" if "model_service_worker" in cmdline else "ts_launcher"
+
+
+def roles(root: psutil.Process | None, root_role: str,
+          classify: Callable[[psutil.Process], str] = torchserve_role) -> dict[str, list[psutil.Process]]:
     """The load generator (this process), the root under test and its descendants, by what they are."""
     found: dict[str, list[psutil.Process]] = {"loadgen": [psutil.Process()]}
     if root is None:
@@ -70,10 +82,9 @@ def roles(root: psutil.Process | None, root_role: str) -> dict[str, list[psutil.
     found[root_role] = [root]
     for child in root.children(recursive=True):
         try:
-            name, cmdline = child.name(), " ".join(child.cmdline())
+            role = classify(child)
         except psutil.Error:
             continue
-        role = "ts_java" if "java" in name else "ts_worker" if "model_service_worker" in cmdline else "ts_launcher"
         found.setdefault(role, []).append(child)
     return found
 
@@ -109,19 +120,23 @@ class CpuMeter:
         self.other_cores = max(0.0, (busy1 - busy0 - sum(self.cpu_s.values())) / (t1 - t0))
 
 
-def backend_calls(door: FrontDoor) -> tuple[float, float]:
+def backend_calls(door: FrontDoor, model: str) -> tuple[float, float]:
     """The front door's calls to TorchServe so far and the rows they carried (its Prometheus histogram)."""
     text = httpx.get(f"{door.http_url}/metrics", headers={"authorization": f"Bearer {door.token}"}, timeout=5).text
-    found = dict(re.findall(r'^gradserve_backend_batch_rows_(count|sum)\{model="digits"\} (\S+)$', text, re.M))
+    pattern = rf'^gradserve_backend_batch_rows_(count|sum)\{{model="{re.escape(model)}"\}} (\S+)$'
+    found = dict(re.findall(pattern, text, re.M))
     return float(found.get("count", 0)), float(found.get("sum", 0))
 
 
 # --- measuring ----------------------------------------------------------------------------------------------------
 
 class Bench:
-    def __init__(self, config: BenchConfig, rows: np.ndarray) -> None:
+    """The windows of one model: `rows` are its input rows (at least 256 of them)."""
+
+    def __init__(self, config: BenchConfig, rows: np.ndarray, model: str) -> None:
         self.config = config
         self.rows = rows
+        self.model = model
         self.windows: list[dict[str, Any]] = []
 
     async def warm(self, target: loadgen.Target, scenario: Scenario, seconds: float) -> None:
@@ -135,7 +150,7 @@ class Bench:
                       processes: Callable[[], dict[str, list[psutil.Process]]],
                       backend_calls: Callable[[], tuple[float, float]] | None = None) -> dict[str, Any]:
         c = self.config
-        x = np.ascontiguousarray(self.rows[:scenario.rows])  # (rows, 1, 8, 8)
+        x = np.ascontiguousarray(self.rows[:scenario.rows])  # (rows, *row_shape)
         senders = await target.open(x, scenario.concurrency)
         try:
             await loadgen.closed_loop(senders, c.warmup_s, scenario.rows)
@@ -144,9 +159,9 @@ class Bench:
                 calls_before = backend_calls() if backend_calls else (0.0, 0.0)
                 with CpuMeter(processes()) as meter:
                     window = await loadgen.closed_loop(senders, c.seconds, scenario.rows)
-                result = {"target": name, "scenario": scenario.name, "concurrency": scenario.concurrency,
-                          "rows": scenario.rows, **window.summary(), "cpu_s": meter.cpu_s,
-                          "other_cores": round(meter.other_cores, 2), "attempts": attempt}
+                result = {"model": self.model, "target": name, "scenario": scenario.name,
+                          "concurrency": scenario.concurrency, "rows": scenario.rows, **window.summary(),
+                          "cpu_s": meter.cpu_s, "other_cores": round(meter.other_cores, 2), "attempts": attempt}
                 if backend_calls:  # how well the front door coalesced: its calls to TorchServe in the window
                     calls, rows = (after - before for after, before in zip(backend_calls(), calls_before, strict=True))
                     result["backend_calls"] = calls
@@ -159,7 +174,8 @@ class Bench:
             await target.close()
         assert best is not None
         self.windows.append(best)
-        print(f"  {name:<24} {scenario.name:<11} {best['req_s']:>8.0f} req/s {best['rows_s']:>9.0f} rows/s "
+        print(f"  {self.model:<10} {name:<24} {scenario.name:<11} {best['req_s']:>8.0f} req/s "
+              f"{best['rows_s']:>9.0f} rows/s "
               f"p50 {best['p50_ms']:6.2f} ms p99 {best['p99_ms']:6.2f} ms errors {best['errors']} "
               f"other {best['other_cores']:.2f} cores", flush=True)
         return best
@@ -218,14 +234,14 @@ def wall_rows_per_second(fn: Callable[[], Any], rows: int, seconds: float, block
     return float(np.median(rates))
 
 
-def batch_job(door: FrontDoor, rows: np.ndarray, workdir: Path) -> dict[str, Any]:
+def batch_job(door: FrontDoor, model: str, rows: np.ndarray, workdir: Path) -> dict[str, Any]:
     """`gradserve batch` over `rows` through the front door, as a user runs it (its own process)."""
     source, output = workdir / "batch-input.npy", workdir / "batch-output.npy"
     np.save(source, rows)
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     with CpuMeter(roles(psutil.Process(door.process.pid), "frontdoor")) as meter:
         done = subprocess.run([str(GRADSERVE), "batch", "--input", str(source), "--output", str(output),
-                               "--grpc", door.grpc_target, "--token", door.token, "--no-progress"],
+                               "--model", model, "--grpc", door.grpc_target, "--token", door.token, "--no-progress"],
                               capture_output=True, text=True, timeout=900)
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     if done.returncode != 0:

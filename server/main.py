@@ -115,6 +115,7 @@ async def serve(config: ServeConfig, on_ready: Callable[[], None] | None = None)
     background: set[asyncio.Task[None]] = set()
     loop.add_signal_handler(signal.SIGHUP, lambda: _spawn(background, models.reload()))  # read the store now
 
+    await models.reload()  # the store as it is: every model known (loading) before TorchServe has started
     await grpc_server.start()
     http_task = asyncio.create_task(http.serve()) if http else None
     supervisor.start()

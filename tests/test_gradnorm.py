@@ -149,15 +149,18 @@ def test_a_short_run_logs_every_task_each_iteration(run: Path) -> None:
     assert last["task_weights"]["ink"] < 0.5  # GradNorm turned the large-gradient task down
     evals = [m for m in lines if m["kind"] == "eval"]
     assert len(evals) == 4 and all({"accuracy", "loss"} <= set(m["tasks"]["class"]) for m in evals)
-    for m in evals:  # the selection rule sees the weighted total loss
-        assert m["val_loss"] == pytest.approx(sum(w * m["tasks"][t]["loss"] for t, w in m["task_weights"].items()))
+    initial = json.loads((run / "summary.json").read_text())["multitask"]["initial_val_losses"]
+    for m in evals:  # the rule sees mean_i L_i / L_i(0), on one scale; the weighted total is logged beside it
+        assert m["val_loss"] == pytest.approx(sum(m["tasks"][t]["loss"] / initial[t] for t in initial) / len(initial))
+        assert m["weighted_val_loss"] == pytest.approx(sum(w * m["tasks"][t]["loss"]
+                                                           for t, w in m["task_weights"].items()))
 
     summary = json.loads((run / "summary.json").read_text())
     test = summary["multitask"]["test"]["selected"]
     assert 0 <= test["class"]["accuracy"] <= 1 and test["ink"]["mae"] > 0
     assert summary["multitask"]["method"] == "gradnorm" and summary["selected"]["test_accuracy"] >= 0
     selection = json.loads((run / "selection.json").read_text())
-    assert len(selection["records"]) == 4 and selection["baseline_loss"] > 100  # the weighted total at w = 1
+    assert len(selection["records"]) == 4 and selection["baseline_loss"] == pytest.approx(1.0)  # L_i(0) / L_i(0)
     assert (run / "tasks.png").stat().st_size > 0 and (run / "report.png").stat().st_size > 0
 
 
@@ -234,7 +237,7 @@ def test_both_heads_served_through_the_front_door(run: Path, tmp_path: Path) -> 
 
     with running_front_door(store, tmp_path / "door") as door:
         names, outputs = asyncio.run(ask(door.grpc_target, door.token or ""))
-    assert names == ["logits", "label", "probabilities", "ink"]
+    assert names == ["logits", "label", "probabilities", "class_name", "ink"]
     assert set(outputs) == set(names) and outputs["ink"].shape == (50, 1)
     for head in ("logits", "ink"):
         assert np.abs(outputs[head] - expected[head]).max() <= 1e-5, head

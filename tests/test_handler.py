@@ -158,3 +158,25 @@ def test_threads_share_the_cores_between_workers(model_dir: Path) -> None:
         assert torch.get_num_threads() == 1
     finally:
         torch.set_num_threads(max(1, len(os.sched_getaffinity(0))))
+
+
+def test_chunked_forwards_equal_one_forward(handler: GradserveHandler, reference: torch.nn.Module,
+                                            model_dir: Path) -> None:
+    """The handler forwards big batches in chunks of the archive's forward_rows (the fastest batch size, measured
+    by `gradserve package`): the answers are those of one forward, within 1e-5."""
+    import dataclasses
+    import json
+
+    assert handler.manifest.forward_rows >= 1  # measured when the archive was built
+    x = np.random.default_rng(3).random((200, 1, 8, 8), dtype=np.float32)
+    chunked = dataclasses.replace(handler.manifest, forward_rows=7)
+    whole = dataclasses.replace(handler.manifest, forward_rows=0)
+    answers = {}
+    for name, manifest in (("chunked", chunked), ("whole", whole)):
+        handler.manifest = manifest
+        answers[name] = codec.decode(handler.handle([request(x)], context(Path()))[0]).tensors
+    handler.manifest = dataclasses.replace(whole, forward_rows=json.loads(
+        (model_dir / "gradserve.json").read_text())["forward_rows"])
+    np.testing.assert_allclose(answers["chunked"]["logits"], answers["whole"]["logits"], atol=1e-5, rtol=0)
+    np.testing.assert_allclose(answers["chunked"]["logits"], expected(reference, x), atol=1e-5, rtol=0)
+    assert list(answers["chunked"]["class_name"]) == list(answers["whole"]["class_name"])

@@ -19,8 +19,9 @@ FORBIDDEN = {"handlers": ("server", "client", "bench", "gradserve"), "training":
 def modules() -> Iterator[tuple[str, Path]]:
     for package in PACKAGES:
         for path in sorted((ROOT / package).rglob("*.py")):
-            if "generated" in path.parts:
-                continue
+            relative = path.relative_to(ROOT).parts
+            if "generated" in relative or any(part.startswith(".") for part in relative):
+                continue  # generated stubs; hidden folders (e.g. the bench's peer environments)
             parts = list(path.relative_to(ROOT).with_suffix("").parts)
             if parts[-1] == "__init__":
                 parts.pop()

@@ -176,7 +176,7 @@ def test_a_tiny_study_scores_every_run_and_reuses_them(tmp_path: Path, capsys: p
     args = ["study", "--config", str(config), "--seeds", "2", "--no-progress"]
     assert gradserve_main(args) == 0
     first = capsys.readouterr().out
-    assert first.count("training ") == 2 and "reused" not in first
+    assert first.count("): training ") == 2 and "): reused" not in first  # a line per run
     study_dir = tmp_path / "runs" / "tiny-study"
     doc = json.loads((study_dir / "study.json").read_text())
     assert (study_dir / "study.md").read_text().count("oracle (hindsight)") >= 2 and (study_dir / "study.png").exists()
@@ -194,7 +194,7 @@ def test_a_tiny_study_scores_every_run_and_reuses_them(tmp_path: Path, capsys: p
 
     assert gradserve_main(args) == 0
     second = capsys.readouterr().out
-    assert second.count("reused") == 2 and "training " not in second
+    assert second.count("): reused ") == 2 and "): training " not in second
     assert [p.stat().st_mtime_ns for p in sorted(study_dir.glob("seed-*/checkpoints/*.pt"))] == stamps
     assert json.loads((study_dir / "study.json").read_text())["variants"] == doc["variants"]
 

@@ -18,7 +18,7 @@ import json
 import re
 import shutil
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +33,7 @@ from handlers.manifest import FILE as MANIFEST_FILE
 from handlers.manifest import Manifest, TensorSpec
 from handlers.preprocess import Preprocess
 from training.archive_check import check_archive
+from training.forward_rows import fastest_rows
 from training.model_code import sha256, stage_model_code
 
 
@@ -47,6 +48,7 @@ class PackageConfig:
     response_timeout_s: int = 30
     max_rows: int = 1024            # rows one request may carry
     torch_threads: int = 1          # torch threads per worker (capped by cores / workers)
+    forward_rows: int | None = None  # rows the handler forwards at once; None: the fastest, measured here; 0: all
 
     def __post_init__(self) -> None:
         if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", str(self.version)):
@@ -86,7 +88,9 @@ def package(run: Path, config: PackageConfig, allow_fallback: bool = False, forc
         code = stage_model_code(spec, checkpoint["config"].get("code_dir"), extra)
         weights = stage / "weights.pt"
         torch.save(checkpoint["state_dict"], weights)
-        manifest = _manifest(name, config, chosen, checkpoint, sha256(weights), allow_fallback, code)
+        rows = _forward_rows(config, spec, checkpoint)
+        manifest = replace(_manifest(name, config, chosen, checkpoint, sha256(weights), allow_fallback, code),
+                           forward_rows=rows)
         manifest.write(extra / MANIFEST_FILE)
         model_config = stage / "model-config.yaml"
         model_config.write_text(yaml.safe_dump({
@@ -101,6 +105,18 @@ def package(run: Path, config: PackageConfig, allow_fallback: bool = False, forc
             shutil.copyfile(built, partial)
             partial.replace(target)  # atomic: TorchServe never sees half an archive
     return store / f"{name}.mar"
+
+
+def _forward_rows(config: PackageConfig, spec: ModelSpec, checkpoint: dict[str, Any]) -> int:
+    """The configured chunk, or the fastest one for the trained model on this machine (training/forward_rows.py)."""
+    if config.forward_rows is not None:
+        return config.forward_rows
+    from training.setup import put_code_on_path
+
+    put_code_on_path(checkpoint["config"].get("code_dir"), spec.factory)
+    model = spec.build()
+    model.load_state_dict(checkpoint["state_dict"])
+    return fastest_rows(model, spec.in_shape, config.torch_threads, config.max_rows)
 
 
 HANDLER_MODULES = ("__init__.py", "codec.py", "manifest.py", "factory.py", "preprocess.py")

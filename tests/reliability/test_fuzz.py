@@ -154,7 +154,7 @@ def test_rest_api_fuzzed_from_its_openapi_description(door: FrontDoor,
                                                      record: Callable[[str, dict[str, Any]], None]) -> None:
     """Every operation of /openapi.json, with bodies and parameters that fit the description (positive) and
     ones that break it (negative): no answer is a 5xx."""
-    schema = schemathesis.openapi.from_url(f"{door.http_url}/openapi.json")
+    schema = schemathesis.openapi.from_url(f"{door.http_url}/openapi.json", headers=door.headers)  # docs: token
     operations = [result.ok() for result in schema.get_all_operations()]
     cases = st.one_of([op.as_strategy(mode) for op in operations
                        for mode in (GenerationMode.POSITIVE, GenerationMode.NEGATIVE)])

@@ -122,8 +122,11 @@ def stopping_section(doc: dict[str, Any], primary: dict[str, Any], several: bool
 
 def suite_markdown(docs: list[dict[str, Any]], minutes: float) -> str:
     """One row per study and variant: the primary metric's mean gap ± sd to the oracle, per strategy."""
+    runs = sum(len(doc["seeds"]) for doc in docs)
+    training = sum(sum(doc["timing"]["training_s"]) for doc in docs) / 60
     lines = [f"Gap to the hindsight oracle on the test split, mean ± sd over seeds (accuracy: points; regression: % of "
-             f"the oracle's MSE; lower is better, 0 is the oracle). Time: {minutes:.1f} min.", "",
+             f"the oracle's MSE; lower is better, 0 is the oracle). {runs} runs, {training:.1f} min of training "
+             f"when they were trained; this call took {minutes:.1f} min (finished runs are reused).", "",
              "| data set | test n (one example) | seeds | early stopping | scoring | rule | rule (grid on val) | "
              "best val | last | rule satisfied | oracle |", "|---|---|---:|---|---|---:|---:|---:|---:|---:|---:|"]
     for doc in docs:

@@ -30,8 +30,7 @@ def gap_panel(ax: plt.Axes, doc: dict[str, Any], title: str) -> None:
         for s_index, s in enumerate(STRATEGIES):
             gaps = [run["strategies"][s]["gap"][primary["name"]] for run in variant["runs"]]
             x0 = s_index - 0.35 + width * (v_index + 0.5)
-            xs = [x0 + width * 0.5 * ((i % 5) - 2) / 5 for i in range(len(gaps))]  # spread a little: ties stay seen
-            ax.scatter(xs, gaps, s=14, color=colour, alpha=0.75,
+            ax.scatter(side_by_side(gaps, x0, width * 0.9), gaps, s=10, color=colour, alpha=0.8,
                        label=variant_name(variant, len(variants) > 2) if s_index == 0 else None)
             finite = [g for g in gaps if g is not None and math.isfinite(g)]
             if finite:
@@ -43,7 +42,23 @@ def gap_panel(ax: plt.Axes, doc: dict[str, Any], title: str) -> None:
     ax.set_ylabel(f"gap to oracle, {primary['label']} ({primary['unit']})")
     ax.set_title(title, fontsize=10)
     ax.grid(axis="y", alpha=0.3)
-    ax.legend(fontsize=7, loc="upper left")
+    ax.legend(fontsize=7, loc="best", framealpha=0.7)
+
+
+def side_by_side(values: list[float | None], centre: float, width: float) -> list[float]:
+    """x positions that put seeds with the same value next to each other (accuracy gaps come in whole examples,
+    so many coincide): a row of n equal values reads as n points."""
+    counts: dict[float | None, int] = {}
+    for v in values:
+        counts[v] = counts.get(v, 0) + 1
+    step = width / max(max(counts.values()), 1)
+    seen: dict[float | None, int] = {}
+    xs = []
+    for v in values:
+        k = seen.get(v, 0)
+        seen[v] = k + 1
+        xs.append(centre + (k - (counts[v] - 1) / 2) * step)
+    return xs
 
 
 def variant_name(variant: dict[str, Any], with_scoring: bool) -> str:

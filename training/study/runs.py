@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import time
 from collections.abc import Callable
 from dataclasses import replace
@@ -94,7 +95,7 @@ def read_run(run_dir: Path, seed: int) -> tuple[StudyRun, tuple[Metric, ...]]:
     else:
         scorings = {RECORDED: (tuple(r.val_loss for r in records), float(selection["baseline_loss"]))}
         test = {m.name: tuple(float(c[m.name]) for c in summary["checkpoints"]) for m in metrics}
-    return StudyRun(seed, str(run_dir), records, scorings, test), metrics
+    return StudyRun(seed, os.path.relpath(run_dir), records, scorings, test), metrics  # no home folder in docs
 
 
 Scorings = dict[str, tuple[tuple[float, ...], float]]  # scoring -> (val loss per record, baseline loss)

@@ -1,0 +1,62 @@
+"""The model every peer serves: an archive's own model and preprocessing, rebuilt from the unpacked archive as
+the handler rebuilds it (handlers/factory.py's ModelSpec, the manifest's weights and standardisation), in eval
+mode under inference_mode. It imports torch, numpy and handlers/ only: it runs in the peers' venvs.
+
+    model = PeerModel.load(Path("unpacked-archive"), threads=1)
+    logits = model.predict(x)          # x: float32 [n, *row_shape] -> float32 [n, K]
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from handlers.factory import BUILTIN, ModelSpec, forget_foreign
+from handlers.manifest import Manifest
+from handlers.preprocess import Preprocess
+
+
+@dataclass
+class PeerModel:
+    manifest: Manifest
+    module: nn.Module
+    transform: Preprocess
+
+    @classmethod
+    def load(cls, model_dir: Path, threads: int = 1) -> PeerModel:
+        """The model of an unpacked archive; `threads` torch threads (the archives' torch_threads: 1)."""
+        torch.set_num_threads(threads)
+        manifest = Manifest.read(model_dir)
+        if str(model_dir) not in sys.path:  # the model's code, as the archive carries it
+            sys.path.insert(0, str(model_dir))
+        spec = ModelSpec.from_dict(manifest.model_config)
+        if spec.factory != BUILTIN:
+            forget_foreign((spec.factory,), model_dir)
+        module = spec.build()
+        module.load_state_dict(torch.load(model_dir / manifest.weights_file, map_location="cpu", weights_only=True))
+        model = cls(manifest, module.eval(), Preprocess.from_dict(manifest.preprocess))
+        model.predict(np.zeros((2, *manifest.input.row_shape), dtype=np.float32))  # warm-up
+        return model
+
+    @property
+    def output(self) -> str:
+        """The one output a peer returns: a classifier's logits, a regressor's prediction."""
+        return self.manifest.outputs[0].name
+
+    @property
+    def row_shape(self) -> tuple[int, ...]:
+        return self.manifest.input.row_shape
+
+    def predict(self, x: np.ndarray) -> np.ndarray:
+        """float32 [n, *row_shape] raw inputs -> float32 [n, K]: standardised, forward, a regressor's targets
+        back in their own units."""
+        with torch.inference_mode():
+            out = self.module(self.transform.standardize(torch.from_numpy(np.ascontiguousarray(x, np.float32))))
+            if self.manifest.task == "regression":
+                out = self.transform.unstandardize_target(out)
+        return out.numpy()
