@@ -21,6 +21,8 @@ from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import httpx
+
 from handlers.manifest import Manifest
 from server.errors import ModelNotFound, Unavailable
 from server.models import Archive, scan, version_key
@@ -214,7 +216,7 @@ class ModelManager:
             try:
                 await self._client.register(torchserve, archive.path.name, archive.internal_name, self._workers,
                                             self._load_timeout_s)
-            except LoadFailed as e:
+            except (LoadFailed, httpx.HTTPError, OSError) as e:  # TorchServe may also die under the load
                 loaded.state, loaded.reason = "failed", str(e)
                 log.error("model %s version %s failed to load: %s", archive.name, archive.version, e)
                 self._install(loaded, old, keep_old=True)

@@ -67,7 +67,10 @@ class Supervisor:
             return False
         log.info("TorchServe ready (pid %s)", self.torchserve.pid)
         if self._on_started is not None:
-            await self._on_started(self.torchserve)
+            try:
+                await self._on_started(self.torchserve)
+            except Exception:  # noqa: BLE001 - loading the store must not end the supervision
+                log.exception("loading the model store into TorchServe failed")
         return True
 
     async def _watch(self) -> None:
