@@ -162,12 +162,12 @@ class OipGrpc(_GrpcUnary):
 
     method = MODEL_INFER
 
-    def __init__(self, target: str, token: str | None, model: str) -> None:
+    def __init__(self, target: str, token: str | None, model: str, outputs: tuple[str, ...] = ()) -> None:
         super().__init__(target, token)
-        self.model = model
+        self.model, self.outputs = model, outputs  # outputs: those asked for (all when empty)
 
     def payload(self, x: np.ndarray) -> bytes:
-        return fd_client.request(self.model, x).SerializeToString()
+        return fd_client.request(self.model, x, self.outputs).SerializeToString()
 
     def check(self, answer: bytes, rows: int) -> None:
         check_infer_response(pb.ModelInferResponse.FromString(answer), rows)
@@ -176,14 +176,14 @@ class OipGrpc(_GrpcUnary):
 class OipStream(_Grpc):
     """ModelStreamInfer (the front door's): one stream per worker, one request in flight on it at a time."""
 
-    def __init__(self, target: str, token: str | None, model: str) -> None:
+    def __init__(self, target: str, token: str | None, model: str, outputs: tuple[str, ...] = ()) -> None:
         super().__init__(target, token)
-        self.model = model
+        self.model, self.outputs = model, outputs
         self.calls: list[grpc.aio.StreamStreamCall] = []
 
     async def open(self, x: np.ndarray, concurrency: int) -> list[Send]:
         self._open_channels(concurrency)
-        payload, rows = fd_client.request(self.model, x).SerializeToString(), len(x)
+        payload, rows = fd_client.request(self.model, x, self.outputs).SerializeToString(), len(x)
         self.calls = [self._channel(w).stream_stream(MODEL_STREAM_INFER)(metadata=self.metadata)
                       for w in range(concurrency)]
 
@@ -261,14 +261,18 @@ class TorchServeRest(_Http):
 class OipRest(_Http):
     """/v2/models/<model>/infer of any Open Inference Protocol server (the front door, a peer), JSON both ways."""
 
-    def __init__(self, base_url: str, token: str | None, model: str) -> None:
+    def __init__(self, base_url: str, token: str | None, model: str, outputs: tuple[str, ...] = ()) -> None:
         super().__init__(f"{base_url}/v2/models/{model}/infer", token)
+        self.outputs = outputs
 
     def payload(self, x: np.ndarray) -> tuple[bytes, str]:
-        # All outputs, as the gRPC targets get them: the same work for the server either way. The bench's rows
-        # have few decimals (bench/models.py); rounded back from float32 they print short, as a client's would.
+        # The bench's rows have few decimals (bench/models.py); rounded back from float32 they print short, as a
+        # client's would.
         data = np.round(x.ravel().astype(np.float64), 7).tolist()
-        body = {"inputs": [{"name": "input", "datatype": "FP32", "shape": list(x.shape), "data": data}]}
+        body: dict[str, Any] = {"inputs": [{"name": "input", "datatype": "FP32", "shape": list(x.shape),
+                                            "data": data}]}
+        if self.outputs:
+            body["outputs"] = [{"name": name} for name in self.outputs]
         return json.dumps(body, separators=(",", ":")).encode(), "application/json"
 
     def check(self, answer: bytes, rows: int) -> None:

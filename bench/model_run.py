@@ -38,6 +38,10 @@ from bench.peer_stacks import Peer, PeerServer, running_peer
 from bench.stacks import FrontDoor, running_front_door, running_torchserve
 from handlers.manifest import Manifest
 
+# What every server is asked for: the peers answer the logits alone, so the front door is asked for them alone
+# too (it would add probabilities, label and class name). Every model of the bench is a classifier.
+LOGITS = ("logits",)
+
 
 @dataclass(frozen=True)
 class Way:
@@ -112,10 +116,12 @@ def start_gradserve(stack: contextlib.ExitStack, config: BenchConfig, name: str,
             in_ts),
         Way("torchserve_grpc_nobatch", lambda: loadgen.TorchServeGrpc(ts1.endpoint.grpc_target, key1, name),
             (BY_NAME["c1"], BY_NAME["c64"]), in_ts1),
-        Way("frontdoor_grpc", lambda: loadgen.OipGrpc(door.grpc_target, door.token, name), SCENARIOS, in_door, calls),
-        Way("frontdoor_stream", lambda: loadgen.OipStream(door.grpc_target, door.token, name), SCENARIOS, in_door,
+        Way("frontdoor_grpc", lambda: loadgen.OipGrpc(door.grpc_target, door.token, name, LOGITS), SCENARIOS, in_door,
             calls),
-        Way("frontdoor_rest", lambda: loadgen.OipRest(door.http_url, door.token, name), SCENARIOS, in_door, calls),
+        Way("frontdoor_stream", lambda: loadgen.OipStream(door.grpc_target, door.token, name, LOGITS), SCENARIOS,
+            in_door, calls),
+        Way("frontdoor_rest", lambda: loadgen.OipRest(door.http_url, door.token, name, LOGITS), SCENARIOS, in_door,
+            calls),
     ]
     return door, ways
 

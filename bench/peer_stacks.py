@@ -43,7 +43,7 @@ class Peer:
 PEERS = {p.name: p for p in (
     Peer("mlserver", "bench.peers.mlserver_peer", "MLServer 1.7.1, adaptive batching 32 requests / 5 ms"),
     Peer("kserve", "bench.peers.kserve_peer", "KServe 0.21.0 Python model server, no batching"),
-    Peer("triton", "bench.peers.triton_peer", "PyTriton 0.7.0 (Triton 2.5x), dynamic batching 32 / 2 ms"),
+    Peer("triton", "bench.peers.triton_peer", "PyTriton 0.7.0 (Triton 2.51), dynamic batching 32 / 2 ms"),
 )}
 
 

@@ -116,12 +116,13 @@ def header(results: dict[str, Any]) -> list[str]:
              "CPU columns: ms of CPU per request of each process (loadgen = the client; server = front door + "
              "TorchServe java + its python worker, or the peer's processes); rows/backend call: rows per front-door "
              "call to TorchServe after coalescing; `other`: cores that processes not under test used during the "
-             "window."]
+             "window.  "]
     for name, found in peers.items():
-        server = found.get("server") or {}
-        lines.append(f"Peer {name}: {found['what']} (says {server.get('name')} {server.get('version')})"
-                     + (f"; **did not start** for a model: {found['error'][:200]}" if "error" in found else "")
-                     + "  ")
+        server = next((f["server"] for by_peer in results["peers"].values() for p, f in by_peer.items()
+                       if p == name and "server" in f), {})
+        lines.append(f"Peer {name}: {found['what']} (says {server.get('name')} {server.get('version')})  ")
+    lines += [f"Peer {name} **did not start** for {model}: {found['error'][:300]}  "
+              for model, by_peer in results["peers"].items() for name, found in by_peer.items() if "error" in found]
     lines += [f"{line}  " for line in results.get("missing_peers", [])]
     return lines
 
@@ -199,10 +200,11 @@ def plot(results: dict[str, Any], path: Path) -> None:
     for (left, right), model in zip(axes, models, strict=True):
         w = {(t, s): x for (m, t, s), x in by_key(results).items() if m == model}
         targets = list(dict.fromkeys(t for t, _ in w))
-        width = 0.8 / len(targets)
+        width, colours = 0.8 / len(targets), plt.get_cmap("tab20").colors
         for i, t in enumerate(targets):
             xs = [j + i * width for j, s in enumerate(SCENARIOS) if (t, s.name) in w]
-            left.bar(xs, [w[(t, s.name)]["rows_s"] for s in SCENARIOS if (t, s.name) in w], width, label=t)
+            left.bar(xs, [w[(t, s.name)]["rows_s"] for s in SCENARIOS if (t, s.name) in w], width, label=t,
+                     color=colours[i % len(colours)])
         left.axhline(results["in_process"][model]["ceiling"]["rows_s"], color="k", ls="--", lw=1, label="raw ceiling")
         left.set_xticks([j + 0.4 - width / 2 for j in range(len(SCENARIOS))], [s.name for s in SCENARIOS])
         left.set_yscale("log")
@@ -217,7 +219,7 @@ def plot(results: dict[str, Any], path: Path) -> None:
         right.set_title(f"{model}: latency at concurrency 1")
         right.legend(fontsize=7)
     fig.suptitle(f"gradserve bench {results['date']}")
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 1, 0.98))
     fig.savefig(path, dpi=100)
     plt.close(fig)
 

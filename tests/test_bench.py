@@ -1,5 +1,7 @@
-"""`gradserve bench` end to end with tiny windows: the report's structure, and every scenario of every target
-produced requests with zero errors (behaviour, not timing). Plus the load generator's bookkeeping."""
+"""`gradserve bench` end to end with tiny windows on two models (the digits demo and the tabular example, trained
+for the bench): the report's structure, and every scenario of every target of every model produced requests with
+zero errors (behaviour, not timing). Plus the load generator's bookkeeping, its HTTP/1.1 client against a real
+socket server, the peers' model against the handler's, and the bench's word on a peer that is not installed."""
 
 from __future__ import annotations
 
@@ -7,15 +9,24 @@ import asyncio
 import json
 import subprocess
 import sys
+import zipfile
 from pathlib import Path
 
+import numpy as np
 import pytest
 from run_fixtures import make_run
 
-from bench import harness, loadgen
+from bench import harness, http1, loadgen, peer_stacks
+from bench.models import sample_rows
+from bench.peers.model import PeerModel
+from gradserve.errors import UsageError
+from handlers import codec
+from handlers.local import LocalModel
+from handlers.manifest import Manifest
 
 ROOT = Path(__file__).resolve().parent.parent
 GRADSERVE = Path(sys.executable).parent / "gradserve"
+MODELS = ("digits", "cancer")
 
 
 def test_closed_loop_counts_requests_and_errors() -> None:
@@ -38,33 +49,123 @@ def test_closed_loop_counts_requests_and_errors() -> None:
     assert summary["error_samples"] == ["ValueError: every second call fails"]
 
 
+async def _serve_and_send(answers: list[bytes], requests: int) -> tuple[list[tuple[int, bytes]], int, list[bytes]]:
+    """A real socket server answering each request with the next of `answers` (closing the connection after one
+    that says so); what the client got, how many connections it opened, and what the server read."""
+    connections, seen = 0, []
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal connections
+        connections += 1
+        try:
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                length = int(head.lower().split(b"content-length: ")[1].split(b"\r\n")[0])
+                seen.append(head + await reader.readexactly(length))
+                answer = answers[len(seen) - 1]
+                writer.write(answer)
+                await writer.drain()
+                if b"connection: close" in answer.lower():
+                    break
+        except asyncio.IncompleteReadError:
+            pass  # the client closed the connection
+        writer.close()
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    connection = http1.Connection("127.0.0.1", port)
+    request = http1.post_request(f"127.0.0.1:{port}", "/v2/models/m/infer", b'{"x":1}', "application/json",
+                                 {"authorization": "Bearer t"})
+    got = [await connection.send(request) for _ in range(requests)]
+    connection.close()
+    server.close()
+    await server.wait_closed()
+    return got, connections, seen
+
+
+def test_http1_client_reads_lengths_and_chunks_and_reconnects_after_close() -> None:
+    answers = [b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello",
+               b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n2;x=y\r\nde\r\n0\r\n\r\n",
+               b"HTTP/1.1 400 Bad Request\r\ncontent-length: 2\r\nConnection: close\r\n\r\nno",
+               b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n"]
+    got, connections, seen = asyncio.run(_serve_and_send(answers, 4))
+    assert got == [(200, b"hello"), (200, b"abcde"), (400, b"no"), (200, b"")]
+    assert connections == 2  # keep-alive until the server said close
+    assert all(s.startswith(b"POST /v2/models/m/infer HTTP/1.1\r\n") and s.endswith(b'\r\n\r\n{"x":1}') for s in seen)
+    assert b"authorization: Bearer t\r\n" in seen[0] and b"content-length: 7\r\n" in seen[0]
+
+
+def test_oip_rest_payload_is_the_rows_and_its_check_reads_any_servers_shape() -> None:
+    x = np.array([[0.5, 0.125, 1.0]], dtype=np.float32)
+    body, content_type = loadgen.OipRest("http://127.0.0.1:1", None, model="m").payload(x)
+    sent = json.loads(body)["inputs"][0]
+    assert content_type == "application/json" and sent["shape"] == [1, 3] and sent["data"] == [0.5, 0.125, 1.0]
+    target = loadgen.OipRest("http://127.0.0.1:1", None, model="m")
+    target.check(b'{"model_name":"m","outputs":[{"name":"logits","shape":[2,10],"data":[]}]}', 2)
+    target.check(b'{"outputs": [{"name": "logits", "datatype": "FP32", "shape": [ 2, 10 ], "data": []}]}', 2)
+    with pytest.raises(loadgen.AnswerError):
+        target.check(b'{"outputs":[{"shape":[1,10]}]}', 2)
+    with pytest.raises(loadgen.AnswerError):
+        target.check(b'{"error":"no"}', 2)
+
+
+def test_peers_model_answers_as_the_handler_does(tmp_path: Path) -> None:
+    """What every peer serves (bench/peers/model.py, run here without any peer installed): the archive's model
+    rebuilt from the unpacked archive, standardised; its logits are the handler's, [n, K]."""
+    from training.package import PackageConfig, package
+
+    archive = package(make_run(tmp_path / "runs"), PackageConfig(model_store=str(tmp_path / "store")))
+    with zipfile.ZipFile(archive) as mar:
+        mar.extractall(tmp_path / "model")
+    model = PeerModel.load(tmp_path / "model")
+    x = sample_rows(Manifest.from_archive(archive), 5)
+    logits = model.predict(x)
+    with LocalModel(archive) as local:
+        (answer,) = local.handle([codec.encode({"input": x})])
+    assert model.output == "logits" and model.row_shape == (1, 8, 8) and logits.shape == (5, 10)
+    np.testing.assert_allclose(logits, codec.decode(answer).tensors["logits"], rtol=1e-5, atol=1e-5)
+
+
+def test_a_missing_peer_says_how_to_make_it_and_an_unknown_one_is_refused(tmp_path: Path) -> None:
+    found, missing = peer_stacks.select(["mlserver", "triton"], venvs=tmp_path)
+    assert found == [] and len(missing) == 2 and all("make bench-peers" in line for line in missing)
+    with pytest.raises(UsageError, match="unknown peer"):
+        peer_stacks.select(["torchserve-classic"], venvs=tmp_path)
+
+
 @pytest.mark.timeout(900)
-def test_bench_quick_run_measures_every_path(tmp_path: Path) -> None:
+def test_bench_quick_run_measures_every_path_of_every_model(tmp_path: Path) -> None:
     run = make_run(tmp_path / "runs")
     out = tmp_path / "results"
     done = subprocess.run(
-        [str(GRADSERVE), "bench", "--run", str(run), "--quick", "--seconds", "0.3", "--warmup", "0.1",
+        [str(GRADSERVE), "bench", "--run", str(run), "--models", ",".join(MODELS), "--runs-dir",
+         str(tmp_path / "example-runs"), "--train-epochs", "2", "--quick", "--seconds", "0.3", "--warmup", "0.1",
          "--jvm-warmup", "0.2", "--batch-rows", "2048", "--max-attempts", "1", "--out-dir", str(out)],
         cwd=tmp_path, capture_output=True, text=True, timeout=840)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     (report,) = out.glob("*.json")
     results = json.loads(report.read_text())
 
-    measured = {(w["target"], w["scenario"]): w for w in results["windows"]}
-    expected = {(t, s.name) for t in ("torchserve_grpc", "torchserve_rest", "frontdoor_grpc", "frontdoor_stream",
-                                      "frontdoor_rest") for s in harness.SCENARIOS}
-    expected |= {("torchserve_grpc_nobatch", "c1"), ("torchserve_grpc_nobatch", "c64")}
+    measured = {(w["model"], w["target"], w["scenario"]): w for w in results["windows"]}
+    targets = ("torchserve_grpc", "torchserve_rest", "frontdoor_grpc", "frontdoor_stream", "frontdoor_rest")
+    expected = {(m, t, s.name) for m in MODELS for t in targets for s in harness.SCENARIOS}
+    expected |= {(m, "torchserve_grpc_nobatch", s) for m in MODELS for s in ("c1", "c64")}
     assert set(measured) == expected
     for key, w in measured.items():
         assert w["requests"] > 0 and w["errors"] == 0, (key, w["error_samples"])
         assert w["p50_ms"] <= w["p90_ms"] <= w["p99_ms"]
         assert w["rows_s"] == pytest.approx(w["req_s"] * w["rows"])
         assert {"loadgen", "ts_java", "ts_worker"} <= set(w["cpu_s"]), key
-        assert ("frontdoor" in w["cpu_s"]) == key[0].startswith("frontdoor")
+        assert ("frontdoor" in w["cpu_s"]) == key[1].startswith("frontdoor")
 
-    assert results["batch"]["rows"] == 2048 and results["batch"]["failed"] == 0
-    assert results["in_process"]["ceiling"]["rows_s"] > 0 and results["in_process"]["batch_raw"]["rows_s"] > 0
-    assert len(results["ratios"]) == 7 and all(r["value"] == r["value"] for r in results["ratios"])  # no NaN
+    assert (tmp_path / "example-runs" / "cancer" / "selection.json").exists()  # trained for the bench
+    for model in MODELS:
+        assert results["batch"][model]["rows"] == 2048 and results["batch"][model]["failed"] == 0
+        assert results["in_process"][model]["ceiling"]["rows_s"] > 0
+        assert results["in_process"][model]["batch_raw"]["rows_s"] > 0
+    assert len(results["ratios"]) == 7 * len(MODELS) and all(r["value"] == r["value"] for r in results["ratios"])
+    assert results["peer_ratios"] == []  # no peers asked for
     table = report.with_suffix(".md").read_text()
-    assert "| target | scenario | req/s |" in table and "| figure | value | target | met |" in table
+    assert "| model | target | scenario | req/s |" in table and "| model | figure | value | target | met |" in table
+    assert "Load generator CPU per request" in table
     assert report.with_suffix(".png").stat().st_size > 0

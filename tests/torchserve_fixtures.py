@@ -29,7 +29,7 @@ _STORES: dict[Path, Path] = {}
 
 def packaged_store(tmp_path_factory: pytest.TempPathFactory, config: PackageConfig | None = None) -> Path:
     """A model store holding digits.mar (and digits-1.0.mar), built once per test session and config."""
-    config = config or PackageConfig(max_batch_delay_ms=20)
+    config = config or PackageConfig(batch_size=32, max_batch_delay_ms=20)  # TorchServe batches what it's sent
     key = tmp_path_factory.getbasetemp() / f"store-{abs(hash(config))}"
     if key not in _STORES:
         runs = tmp_path_factory.mktemp("runs")

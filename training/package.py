@@ -41,8 +41,11 @@ from training.model_code import sha256, stage_model_code
 class PackageConfig:
     version: str = "1.0"
     model_store: str = gradserve_config.path_field("model_store")
-    batch_size: int = 32            # TorchServe batchSize: requests handed to one handle() call
-    max_batch_delay_ms: int = 5     # TorchServe maxBatchDelay
+    # TorchServe batchSize: requests handed to one handle() call. 1: the front door groups concurrent requests
+    # itself (serve.coalesce), and TorchServe's own batching would add its delay to every lone request. For
+    # clients that call TorchServe directly, set e.g. 32 and 5 ms.
+    batch_size: int = 1
+    max_batch_delay_ms: int = 0     # TorchServe maxBatchDelay (with batch_size > 1; its 0 then means a long wait)
     min_workers: int = 1
     max_workers: int = 1
     response_timeout_s: int = 30
@@ -53,6 +56,9 @@ class PackageConfig:
     def __post_init__(self) -> None:
         if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", str(self.version)):
             raise ValueError(f"version {self.version!r} must be letters, digits, '.', '_' or '-' (e.g. 1.0)")
+        if self.batch_size > 1 and self.max_batch_delay_ms < 1:
+            raise ValueError(f"batch_size {self.batch_size} needs max_batch_delay_ms >= 1: TorchServe reads 0 as a long "
+                             "wait for a full batch")
         object.__setattr__(self, "version", str(self.version))
 
 

@@ -14,8 +14,12 @@ from pathlib import Path
 
 import kserve
 from kserve import InferOutput, InferRequest, InferResponse
+from kserve import model_server as kserve_model_server
 
 from bench.peers.model import PeerModel
+
+MAX_MESSAGE_BYTES = 64 * 1024 * 1024  # gRPC messages, as the front door's (KServe's default, 8 MiB, refuses a
+#                                       256-row request of a 3x64x64 model)
 
 
 class GradserveKServeModel(kserve.Model):
@@ -50,6 +54,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     model = GradserveKServeModel(args.name, args.model_dir, args.threads)
     model.load()
+    # KServe reads these from its own command line, parsed when it was imported; its gRPC server reads them here.
+    kserve_model_server.args.grpc_max_send_message_length = MAX_MESSAGE_BYTES
+    kserve_model_server.args.grpc_max_receive_message_length = MAX_MESSAGE_BYTES
     server = kserve.ModelServer(http_port=args.http_port, grpc_port=args.grpc_port, workers=1,
                                 enable_latency_logging=False)
     logging.getLogger("uvicorn.access").setLevel(logging.WARNING)

@@ -1,5 +1,5 @@
 """The user's model: a small ResNet for 3x64x64 images, residual blocks with BatchNorm, heavier than the images
-example's CNN (about 15 M multiply-adds per image against 3 M): a model where the forward pass dominates what a
+example's CNN (about 12 M multiply-adds per image against 3 M): a model where the forward pass dominates what a
 server spends. gradserve calls `build` with the config's args, plus `in_shape` ((C, H, W)) and `num_classes`."""
 
 import torch
