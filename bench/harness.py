@@ -67,6 +67,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--jvm-warmup", dest="jvm_warmup_s", type=float, default=None,
                         help="c=64 load per way before the first window, for the JVMs' compilers (default 10; "
                              "--quick 2)")
+    parser.add_argument("--in-process", dest="in_process_s", type=float, default=None,
+                        help="seconds per row count and path of the in-process figures (default 1; --quick 0.25)")
     parser.add_argument("--batch-rows", dest="batch_rows", type=int, default=None,
                         help="rows of the batch job (default 20480, at most 64 MiB of them)")
     parser.add_argument("--max-other-cores", dest="max_other_cores", type=float, default=None,
@@ -83,8 +85,8 @@ def names(text: str) -> tuple[str, ...]:
     return tuple(n.strip() for n in text.split(",") if n.strip())
 
 
-FLAGS = ("models", "peers", "run", "runs_dir", "train_epochs", "seconds", "warmup_s", "jvm_warmup_s", "batch_rows",
-         "max_other_cores", "max_attempts", "max_workers", "profile", "out_dir")
+FLAGS = ("models", "peers", "run", "runs_dir", "train_epochs", "seconds", "warmup_s", "jvm_warmup_s", "in_process_s",
+         "batch_rows", "max_other_cores", "max_attempts", "max_workers", "profile", "out_dir")
 
 
 def main(args: argparse.Namespace) -> int:

@@ -29,6 +29,8 @@ from gradserve import config as gradserve_config
 from gradserve.config import ENV_TOKEN, env_field, path_field
 from gradserve.errors import UsageError
 
+EXHAUSTED_TRIES = 5  # RESOURCE_EXHAUSTED answers in a row before a group is split (0.1 + ... + 1.6 s)
+
 
 @dataclass(frozen=True)
 class BatchConfig:
@@ -196,13 +198,17 @@ async def _infer_isolating(config: BatchConfig, transport: Transport, input_name
 
 
 async def _with_retries(config: BatchConfig, transport: Transport, input_name: str, rows: np.ndarray) -> Answer:
+    """UNAVAILABLE and DEADLINE_EXCEEDED are retried with backoff for `retry_for_s`; RESOURCE_EXHAUSTED (a busy
+    server, or a request too large for it) a few times, then the caller splits the group."""
     deadline = time.monotonic() + config.retry_for_s
-    delay = 0.1
+    delay, exhausted = 0.1, 0
     while True:
         try:
             return await transport.infer(input_name, rows)
         except Rejected as e:
-            if e.status not in RETRYABLE or time.monotonic() + delay > deadline:
+            exhausted += e.status == "RESOURCE_EXHAUSTED"
+            retry = e.status in RETRYABLE or (e.status == "RESOURCE_EXHAUSTED" and exhausted < EXHAUSTED_TRIES)
+            if not retry or time.monotonic() + delay > deadline:
                 raise
         await asyncio.sleep(delay)
         delay = min(delay * 2, 5.0)
@@ -277,7 +283,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--output", type=Path, required=True, help=".jsonl (id, label, logits) or .npy (logits)")
     parser.add_argument("--model", help="the served model (default digits)")
     parser.add_argument("--grpc", help="the front door's gRPC address (default 127.0.0.1:8001)")
-    parser.add_argument("--token", help="bearer token, if the front door wants one (default: $GRADSERVE_TOKEN)")
+    parser.add_argument("--token", help="bearer token, if the front door wants one (default: $GRADSERVE_TOKEN, "
+                                        "which `ps` does not show)")
     parser.add_argument("--local", type=Path, default=None, help="run this .mar in-process, no server")
     parser.add_argument("--rows-per-request", dest="rows_per_request", type=int, help="default 256")
     parser.add_argument("--concurrency", type=int, help="requests in flight (default 4)")

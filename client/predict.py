@@ -53,7 +53,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     where = parser.add_mutually_exclusive_group()
     where.add_argument("--grpc", default=None, help="front door gRPC address (default 127.0.0.1:8001)")
     where.add_argument("--http", default=None, help="front door base URL, e.g. http://127.0.0.1:8000")
-    parser.add_argument("--token", default=None, help="bearer token (default: $GRADSERVE_TOKEN)")
+    parser.add_argument("--token", default=None,
+                        help="bearer token (default: $GRADSERVE_TOKEN, which `ps` does not show)")
     parser.add_argument("--timeout", dest="timeout_s", type=float, default=None, help="deadline in seconds")
 
 

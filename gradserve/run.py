@@ -40,7 +40,7 @@ def main(args: argparse.Namespace) -> int:
     demo = gradserve_config.load_file(args.config).get("train", {}).get("name", "digits")
     if args.retrain or not (Path(config.model_store) / f"{demo}.mar").exists():
         build_demo_archive(args.config)
-    return asyncio.run(serve(config, on_ready=lambda: print(banner(config), flush=True)))
+    return asyncio.run(serve(config, on_ready=lambda: print(banner(config, demo), flush=True)))
 
 
 def build_demo_archive(config_path: str) -> Path:
@@ -60,7 +60,7 @@ def _dial(host: str) -> str:
     return "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
 
 
-def banner(config: ServeConfig) -> str:
+def banner(config: ServeConfig, model: str = "digits") -> str:
     host, listen = _dial(config.listen.host), config.listen
     lines = ["", "gradserve is ready.",
              f"  gRPC (Open Inference Protocol v2): {host}:{listen.grpc_port}"]
@@ -70,18 +70,21 @@ def banner(config: ServeConfig) -> str:
     for archive in sorted(Path(config.model_store).glob("*.mar")):
         lines += _model_lines(archive)
     auth = ""
-    if config.auth.token:
+    if config.auth.token or config.auth.token_file:
         source = ("$GRADSERVE_TOKEN" if os.environ.get(gradserve_config.ENV_TOKEN) == config.auth.token
-                  else "serve.auth.token in the config")
+                  else "serve.auth.token in the config" if config.auth.token else config.auth.token_file)
         lines += [f"  authentication: on, bearer token from {source}; the commands below read $GRADSERVE_TOKEN"]
         auth = " -H \"authorization: Bearer $GRADSERVE_TOKEN\""
+    # The sample inputs in examples/ are the digits demo's; another model gets its own rows.
+    rows, infer_json, jsonl = ("examples/digits.npy", "examples/infer.json", "examples/digits.jsonl") \
+        if model == "digits" else ("<rows.npy>", "<request.json>", "<rows.jsonl>")
     lines += ["", "Try it (from another terminal):",
               f"  gRPC:  .venv/bin/gradserve predict --grpc {host}:{listen.grpc_port} "
-              "--model digits --input examples/digits.npy",
+              f"--model {model} --input {rows}",
               f"  REST:  curl -s{auth} -H 'content-type: application/json' "
-              f"-d @examples/infer.json http://{host}:{listen.http_port}/v2/models/digits/infer",
-              f"  batch: .venv/bin/gradserve batch --grpc {host}:{listen.grpc_port} --model digits "
-              "--input examples/digits.jsonl --output /tmp/digits-predictions.jsonl",
+              f"-d @{infer_json} http://{host}:{listen.http_port}/v2/models/{model}/infer",
+              f"  batch: .venv/bin/gradserve batch --grpc {host}:{listen.grpc_port} --model {model} "
+              f"--input {jsonl} --output /tmp/{model}-predictions.jsonl",
               "Ctrl-C stops the front door and TorchServe.", ""]
     return "\n".join(lines)
 

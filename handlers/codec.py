@@ -171,12 +171,15 @@ def decode(data: bytes | bytearray | memoryview) -> Message:
         raise CodecError("payload header must be a JSON object")
     if "error" in header:
         err = header["error"]
+        if not isinstance(err, dict):
+            raise CodecError("payload error must be a JSON object with code and message")
         return Message(error=WireError(str(err.get("code", INTERNAL)), str(err.get("message", ""))))
+    entries = header.get("tensors", [])
+    if not isinstance(entries, list) or not all(isinstance(e, dict) and isinstance(e.get("name"), str)
+                                                for e in entries):
+        raise CodecError("payload header's tensors must be a list of objects, each with a name")
     body = view[body_start:]
-    tensors: dict[str, np.ndarray] = {}
-    for entry in header.get("tensors", []):
-        tensors[entry["name"]] = _tensor(body, entry)
-    return Message(tensors=tensors)
+    return Message(tensors={entry["name"]: _tensor(body, entry) for entry in entries})
 
 
 def _tensor(body: memoryview, entry: dict) -> np.ndarray:
@@ -186,7 +189,9 @@ def _tensor(body: memoryview, entry: dict) -> np.ndarray:
     shape = entry.get("shape")
     if not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape):
         raise CodecError(f"tensor {name!r}: shape must be a list of non-negative integers, got {shape!r}")
-    offset, nbytes = int(entry.get("offset", -1)), int(entry.get("nbytes", -1))
+    offset, nbytes = entry.get("offset", -1), entry.get("nbytes", -1)
+    if not isinstance(offset, int) or not isinstance(nbytes, int):
+        raise CodecError(f"tensor {name!r}: offset and nbytes must be integers")
     if offset < 0 or nbytes < 0 or offset + nbytes > len(body):
         raise CodecError(f"tensor {name!r}: its bytes run past the end of the payload")
     count = math.prod(shape)

@@ -73,8 +73,10 @@ class GradserveHandler(BaseHandler):
         self.context = context
         parsed = self.preprocess(data)
         rows = [p for p in parsed if isinstance(p, np.ndarray)]
+        if not self.batch_sizes[len(data)]:  # a line per new batch size, not per request
+            logger.info("gradserve batch: first call with %d requests (%d rows)", len(data),
+                        sum(len(r) for r in rows))
         self.batch_sizes[len(data)] += 1
-        logger.info("gradserve batch: %d requests, %d rows", len(data), sum(len(r) for r in rows))
         if not rows:
             return [p for p in parsed if isinstance(p, bytes)]
         x = torch.from_numpy(np.concatenate(rows))  # (N, *in_shape): the one copy of the inputs

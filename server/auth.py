@@ -39,7 +39,7 @@ class Tokens:
         self._fixed = {auth.token} if auth.token else set()
         self._file = Path(auth.token_file) if auth.token_file else None
         self._seen: tuple[float, int] | None = None
-        self._valid: list[bytes] = []
+        self._valid = sorted(f"Bearer {t}".encode() for t in self._fixed)  # until the file is read
         self.reload()
 
     @property
@@ -68,7 +68,7 @@ class Tokens:
             except OSError as e:
                 log.error("cannot read the token file %s (%s); the tokens stay as they were", self._file, e)
                 return False
-            tokens |= {line.strip() for line in lines if line.strip() and not line.startswith("#")}
+            tokens |= {line.strip() for line in lines if line.strip() and not line.strip().startswith("#")}
         valid = sorted(f"Bearer {t}".encode() for t in tokens)
         changed = valid != self._valid
         self._valid = valid

@@ -73,6 +73,9 @@ class Backend:
         self._listeners.append(listener)
 
     def _readiness_changed(self) -> None:
+        live = {loaded.internal for name in self._models.names for loaded in self._models.versions(name).values()}
+        for key in [key for key in self._coalescers if key[0] not in live]:
+            del self._coalescers[key]  # an unloaded build: nothing is queued (it drained before it went)
         now = self.ready()
         if now != self._was_ready:
             self._was_ready = now

@@ -27,6 +27,7 @@ Response = TypeVar("Response")
 Handler = Callable[[Any, Request, grpc.aio.ServicerContext, metrics.Observation], Awaitable[Response]]
 
 TYPED_IN_THREAD = 65536  # typed values in a request beyond which it is decoded in a thread
+STREAM_WINDOW = 16  # requests of one ModelStreamInfer stream answered at once
 
 # Typed contents field for each datatype (the protocol packs the small integer types into 32 bits).
 CONTENTS_FIELD = {
@@ -90,24 +91,35 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     async def ModelStreamInfer(self, requests: AsyncIterator[pb.ModelInferRequest],
                                context: grpc.aio.ServicerContext) -> AsyncIterator[pb.ModelStreamInferResponse]:
-        """Requests run concurrently; responses leave in request order; a failed request gets its error in
-        its own response and the stream goes on."""
+        """Requests run concurrently, at most STREAM_WINDOW of them (then the stream is not read further, and
+        gRPC's flow control holds the client back); responses leave in request order; a failed request gets its
+        error in its own response and the stream goes on."""
         answers: asyncio.Queue[asyncio.Task[pb.ModelStreamInferResponse] | None] = asyncio.Queue()
+        window = asyncio.Semaphore(STREAM_WINDOW)
 
         async def read() -> None:
             try:
                 async for request in requests:
+                    await window.acquire()
                     answers.put_nowait(asyncio.create_task(self._stream_one(request)))
             finally:
                 answers.put_nowait(None)
 
         reader = asyncio.create_task(read())
+        task = None
         try:
             while (task := await answers.get()) is not None:
-                yield await task
+                answer = await task
+                window.release()
+                yield answer
             await reader  # re-raises a broken request stream
         finally:
             reader.cancel()
+            # The stream ended early (the client went away): what it asked for and will never read is dropped.
+            pending = [task] + [answers.get_nowait() for _ in range(answers.qsize())]
+            for left in pending:
+                if left is not None:
+                    left.cancel()
 
     async def _stream_one(self, request: pb.ModelInferRequest) -> pb.ModelStreamInferResponse:
         with metrics.observe("grpc", "ModelStreamInfer", request.model_name) as obs:

@@ -43,15 +43,17 @@ class ReadinessHealth(health_pb2_grpc.HealthServicer):
 
     async def Watch(self, request: health_pb2.HealthCheckRequest, context: grpc.aio.ServicerContext
                     ) -> AsyncIterator[health_pb2.HealthCheckResponse]:
-        last = None
-        while True:
-            status = self.status() if request.service in self.SERVICES else \
+        def current() -> health_pb2.HealthCheckResponse.ServingStatus.ValueType:
+            return self.status() if request.service in self.SERVICES else \
                 health_pb2.HealthCheckResponse.SERVICE_UNKNOWN
-            if status != last:
-                yield health_pb2.HealthCheckResponse(status=status)
-                last = status
+
+        while True:
+            status = current()
+            yield health_pb2.HealthCheckResponse(status=status)
             async with self._changed:
-                await self._changed.wait()
+                # Checked under the lock, not only woken: a change made while this stream was suspended at its
+                # yield is seen here rather than lost.
+                await self._changed.wait_for(lambda seen=status: current() != seen)
 
     async def _notify(self) -> None:
         async with self._changed:

@@ -70,6 +70,8 @@ class ModelManager:
         self._defaults: dict[str, str] = {}
         self._files: dict[Path, tuple[float, int, Archive]] = {}
         self._scanned = False
+        self._starting = True  # loading every version after a (re)start: not serving until that is done
+        self._failed_builds: set[str] = set()  # sha256 of new builds of a version that failed to load
         self._torchserve: TorchServe | None = None
         self._lock = asyncio.Lock()  # one reconciliation at a time
         self._tasks: set[asyncio.Task[None]] = set()
@@ -94,6 +96,9 @@ class ModelManager:
     @property
     def names(self) -> list[str]:
         return sorted(self._versions)
+
+    def knows(self, name: str) -> bool:
+        return name in self._versions
 
     def versions(self, name: str) -> dict[str, Version]:
         if name not in self._versions:
@@ -122,11 +127,13 @@ class ModelManager:
                           "retry shortly")
 
     def serving(self) -> bool:
-        """Every model that can be served is: none still loading, and at least one ready (a model whose every
-        version failed is reported by its own ModelReady, and does not hold the others back)."""
-        ready = [n for n in self._versions if self._default_ready(n)]
-        loading = any(v.state == "loading" for vs in self._versions.values() for v in vs.values())
-        return bool(ready) and not loading
+        """At least one model's default version is ready and, after a (re)start, every version has loaded (or
+        failed: a model whose every version failed is reported by its own ModelReady, and does not hold the
+        others back). Later, a version loading beside the served ones leaves the server serving: a new archive
+        in a store that every replica shares must not turn them all unready at once."""
+        ready = any(self._default_ready(n) for n in self._versions)
+        loading = self._starting and any(v.state == "loading" for vs in self._versions.values() for v in vs.values())
+        return ready and not loading
 
     def _default_ready(self, name: str) -> bool:
         version = self._versions[name].get(self._defaults.get(name, ""))
@@ -155,6 +162,7 @@ class ModelManager:
     async def torchserve_started(self, torchserve: TorchServe) -> None:
         """TorchServe (re)started: load every version again, then follow the store."""
         self._torchserve = torchserve
+        self._starting = True
         async with self._lock:
             again = [loaded for vs in self._versions.values() for loaded in vs.values()
                      if loaded.archive.manifest is not None and loaded.state != "draining"]
@@ -163,6 +171,8 @@ class ModelManager:
             self._changed()
             await asyncio.gather(*(self._load(loaded) for loaded in again))
         await self.reload()
+        self._starting = False
+        self._changed()
 
     def torchserve_stopped(self) -> None:
         self._torchserve = None
@@ -182,12 +192,14 @@ class ModelManager:
         what serves now, switch traffic once they are ready, drain and unload what the store no longer holds."""
         async with self._lock:
             # At start the store is taken as it is; later, a file that just changed may still be being written.
-            found, self._files = scan(self._store, self._files, settle_s=SETTLE_S if self._scanned else 0.0)
+            # In a thread: scan reads and hashes every changed archive.
+            found, self._files = await asyncio.to_thread(scan, self._store, self._files,
+                                                         SETTLE_S if self._scanned else 0.0)
             self._scanned = True
             current = {(n, v): loaded for n, vs in self._versions.items() for v, loaded in vs.items()}
             new = [Version(a) for key, a in found.items() if key not in current]
-            rebuilt = [(Version(a), current[key]) for key, a in found.items()
-                       if key in current and current[key].archive.sha256 != a.sha256]
+            rebuilt = [(Version(a), current[key]) for key, a in found.items() if key in current
+                       and current[key].archive.sha256 != a.sha256 and a.sha256 not in self._failed_builds]
             removed = [loaded for key, loaded in current.items() if key not in found]
             for loaded in new:
                 self._versions.setdefault(loaded.archive.name, {})[loaded.archive.version] = loaded
@@ -231,6 +243,7 @@ class ModelManager:
         old build serving."""
         name, version = loaded.archive.name, loaded.archive.version
         if old is not None and keep_old:
+            self._failed_builds.add(loaded.archive.sha256)  # not tried again until the file changes again
             return
         self._versions.setdefault(name, {})[version] = loaded
         if old is not None:

@@ -49,7 +49,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model-store", default=None, help="folder of .mar archives (default model_store)")
     parser.add_argument("--torchserve-workdir", default=None, help="TorchServe's working folder")
     parser.add_argument("--token", default=None,
-                        help="bearer token clients must send (default: $GRADSERVE_TOKEN)")
+                        help="bearer token clients must send (default: $GRADSERVE_TOKEN; prefer it, or "
+                             "--token-file: a flag shows in `ps`)")
     parser.add_argument("--token-file", default=None,
                         help="file of valid tokens, one per line, read again when it changes (e.g. a mounted Secret)")
     parser.add_argument("--no-auth", dest="auth_mode", action="store_const", const="none", default=None,
@@ -101,6 +102,8 @@ async def serve(config: ServeConfig, on_ready: Callable[[], None] | None = None)
     models = ModelManager(store, client, config.default_versions, load_timeout_s=config.torchserve.ready_timeout_s)
     backend = Backend(config, models, client, metrics.observe_batch)
     backend.add_ready_listener(lambda ready: metrics.READY.set(int(ready)))
+    metrics.label_models(models.knows)
+    metrics.IN_FLIGHT.set_function(lambda: backend.in_flight)
     if on_ready is not None:
         backend.add_ready_listener(_first_time(on_ready))
     grpc_server, grpc_port = create_server(config, backend, tokens)
@@ -118,6 +121,9 @@ async def serve(config: ServeConfig, on_ready: Callable[[], None] | None = None)
     await models.reload()  # the store as it is: every model known (loading) before TorchServe has started
     await grpc_server.start()
     http_task = asyncio.create_task(http.serve()) if http else None
+    failed: list[str] = []
+    if http_task is not None:
+        http_task.add_done_callback(lambda task: _http_ended(task, stop, failed))
     supervisor.start()
     if config.watch_s > 0:
         _spawn(background, models.watch(config.watch_s))
@@ -145,13 +151,30 @@ async def serve(config: ServeConfig, on_ready: Callable[[], None] | None = None)
     await supervisor.stop()
     await models.close()
     log.info("stopped")
-    return 0
+    return 1 if failed else 0
+
+
+def _http_ended(task: asyncio.Task[None], stop: asyncio.Event, failed: list[str]) -> None:
+    """The HTTP server ended: expected once `stop` is set; before that (its port taken, ...) the whole server
+    stops, rather than serve gRPC alone while REST clients and probes fail."""
+    if stop.is_set():
+        return
+    error = task.exception() if not task.cancelled() else None
+    failed.append(str(error))
+    log.error("the HTTP server ended (%s); stopping", error or "it could not start: see above")
+    stop.set()
 
 
 def _spawn(tasks: set[asyncio.Task[None]], work: Coroutine[Any, Any, None]) -> None:
     task = asyncio.get_running_loop().create_task(work)
     tasks.add(task)
     task.add_done_callback(tasks.discard)
+    task.add_done_callback(_log_failure)
+
+
+def _log_failure(task: asyncio.Task[None]) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        log.error("background task failed", exc_info=task.exception())
 
 
 def _first_time(announce: Callable[[], None]) -> Callable[[bool], None]:

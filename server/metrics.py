@@ -7,7 +7,7 @@ Requests by protocol, method, model and status; latency histograms; rows per req
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -37,6 +37,17 @@ class Observation:
     rows: int = 0
 
 
+UNKNOWN_MODEL = "_unknown"
+_known_model: Callable[[str], bool] = lambda model: True  # noqa: E731
+
+
+def label_models(known: Callable[[str], bool]) -> None:
+    """Label requests with the model's name only when `known(name)`; any other name is UNKNOWN_MODEL, so that
+    callers sending made-up names cannot grow the label sets (and /metrics) without bound."""
+    global _known_model
+    _known_model = known
+
+
 @contextmanager
 def observe(protocol: str, method: str, model: str = "") -> Iterator[Observation]:
     """Record one request; the body sets `.status` (and `.model`, `.rows` when it learns them)."""
@@ -45,10 +56,11 @@ def observe(protocol: str, method: str, model: str = "") -> Iterator[Observation
     try:
         yield obs
     finally:
-        LATENCY.labels(protocol, method, obs.model).observe(time.perf_counter() - start)
-        REQUESTS.labels(protocol, method, obs.model, obs.status).inc()
+        model = obs.model if not obs.model or _known_model(obs.model) else UNKNOWN_MODEL
+        LATENCY.labels(protocol, method, model).observe(time.perf_counter() - start)
+        REQUESTS.labels(protocol, method, model, obs.status).inc()
         if obs.rows:
-            ROWS.labels(obs.model).observe(obs.rows)
+            ROWS.labels(model).observe(obs.rows)
 
 
 def observe_batch(model: str, rows: int) -> None:

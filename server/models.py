@@ -40,8 +40,15 @@ class Archive:
 
 
 def read_archive(path: Path) -> Archive:
-    data = path.read_bytes()
-    digest = hashlib.sha256(data).hexdigest()
+    """The archive at `path`; OSError when the file cannot be read (removed while we looked)."""
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return _archive(path, digest.hexdigest())
+
+
+def _archive(path: Path, digest: str) -> Archive:
     try:
         manifest = Manifest.from_archive(path)
         registered = archive_model_name(path)
@@ -74,7 +81,10 @@ def scan(store: Path, known: dict[Path, tuple[float, int, Archive]] | None = Non
         if seen is not None and seen[:2] == (stat.st_mtime, stat.st_size):
             files[path] = seen
         else:
-            files[path] = (stat.st_mtime, stat.st_size, read_archive(path))
+            try:
+                files[path] = (stat.st_mtime, stat.st_size, read_archive(path))
+            except OSError:
+                continue  # removed (or unreadable) while we looked: the next scan sees it as it is then
     found: dict[tuple[str, str], Archive] = {}
     for path, (_, _, archive) in files.items():
         key = (archive.name, archive.version)

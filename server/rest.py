@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import inspect
+import math
 import re
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -93,14 +94,16 @@ def create_app(config: ServeConfig, backend: Backend, tokens: auth.Tokens) -> Fa
         if not ok:  # why, for people and probes alike: loading, draining, or a failed version's reason
             return JSONResponse({"name": model, "ready": False, "reason": backend.why_not_ready(model, version)},
                                 status_code=503)
-        return JSONResponse({"name": model, "ready": ok}, status_code=200 if ok else 503)
+        return JSONResponse({"name": model, "ready": True})
 
     @app.post("/v2/models/{model}/infer", response_model=InferenceResponse, **INFER_DOCS)
     @app.post("/v2/models/{model}/versions/{version}/infer", response_model=InferenceResponse, **INFER_DOCS)
     @route("ModelInfer")
     async def infer(model: str, request: Request, obs: metrics.Observation, version: str = "") -> Response:
-        body = await body_of(request, config.limits.max_message_bytes)
         header_length = request.headers.get(HEADER_LENGTH)
+        # A compressed body was read within max_message_bytes; inflated, it is held to its model's limit too.
+        limit = backend.body_limit(model, version, binary=header_length is not None)
+        body = await body_of(request, min(config.limits.max_message_bytes, limit or config.limits.max_message_bytes))
         if len(body) > PARSE_IN_THREAD_BYTES:  # a large body parses in a thread: other clients are not held up
             call = await asyncio.to_thread(read_inference, body, header_length)
         else:
@@ -188,12 +191,17 @@ def _limited(receive: Receive, limit: int) -> Receive:
 # --- helpers ------------------------------------------------------------------------------------------------------
 
 def _timeout(request: Request) -> float | None:
-    """A deadline the caller sent as `timeout` in seconds, in the Timeout header or the grpc-style header."""
+    """A deadline the caller sent as `timeout` in seconds, in the `timeout` header or query parameter."""
     value = request.headers.get("timeout") or request.query_params.get("timeout")
+    if not value:
+        return None
     try:
-        return float(value) if value else None
+        seconds = float(value)
     except ValueError:
-        raise InvalidInput(f"timeout must be a number of seconds, got {value!r}") from None
+        seconds = math.nan
+    if not 0 < seconds < math.inf:
+        raise InvalidInput(f"timeout must be a positive number of seconds, got {value!r}")
+    return seconds
 
 
 def _error(error: Exception, obs: metrics.Observation | None = None) -> JSONResponse:

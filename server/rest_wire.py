@@ -13,6 +13,7 @@ checked here, and turned into arrays by numpy (server/oip.py); the pydantic mode
 
 from __future__ import annotations
 
+import asyncio
 import re
 import zlib
 from collections.abc import Mapping
@@ -121,11 +122,15 @@ class Inference:
 
 async def body_of(request: Request, limit: int) -> bytes:
     """The request's body, decompressed when it says Content-Encoding gzip or deflate (tritonclient's
-    request_compression_algorithm), within `limit` bytes either way."""
+    request_compression_algorithm; inflated in a thread), within `limit` bytes either way."""
     body = await request.body()
     encoding = (request.headers.get("content-encoding") or "identity").lower()
     if encoding == "identity":
         return body
+    return await asyncio.to_thread(_inflate, body, encoding, limit)
+
+
+def _inflate(body: bytes, encoding: str, limit: int) -> bytes:
     wbits = {"gzip": 16 + zlib.MAX_WBITS, "deflate": zlib.MAX_WBITS}.get(encoding)
     if wbits is None:
         raise InvalidInput(f"Content-Encoding {encoding!r} is not supported; send the body plain, gzip or deflate")

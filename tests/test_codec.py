@@ -113,3 +113,15 @@ def test_malformed_messages_are_refused(message: bytes, words: str) -> None:
 def test_errors_round_trip() -> None:
     error = codec.decode(codec.encode_error(codec.INVALID_ARGUMENT, "bad row")).error
     assert error == codec.WireError(codec.INVALID_ARGUMENT, "bad row")
+
+
+@pytest.mark.parametrize("header", [
+    {"tensors": "input"}, {"tensors": [["input"]]}, {"tensors": [{"datatype": "FP32"}]},
+    {"tensors": [{"name": "x", "datatype": "FP32", "shape": [1], "offset": "0", "nbytes": 4}]},
+    {"tensors": [{"name": "x", "datatype": "FP99", "shape": [1], "offset": 0, "nbytes": 4}]},
+    {"error": "boom"},
+])
+def test_a_malformed_header_is_a_codec_error(header: dict) -> None:
+    head = json.dumps(header).encode()
+    with pytest.raises(codec.CodecError):
+        codec.decode(codec.MAGIC + struct.pack("<I", len(head)) + head + b"\0" * 4)

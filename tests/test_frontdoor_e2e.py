@@ -389,7 +389,7 @@ def test_sigterm_during_load_loses_no_accepted_request(tmp_path_factory: pytest.
 
 def test_torchserve_goes_down_with_a_sigkilled_front_door(tmp_path_factory: pytest.TempPathFactory) -> None:
     """SIGKILL leaves the front door no chance to stop its TorchServe: the guard TorchServe runs under
-    (server/ts_guard.py) sees its pipe close and stops the JVM and its workers, freeing their ports."""
+    (server/torchserve/guard.py) sees its pipe close and stops the JVM and its workers, freeing their ports."""
     store = built_store(tmp_path_factory)
     with running_front_door(store.path, tmp_path_factory.mktemp("door-sigkill"), None) as door:
         tree = [p for p in psutil.Process(door.process.pid).children(recursive=True)]

@@ -26,6 +26,7 @@ from gradserve.config import build
 from handlers import codec
 from handlers.manifest import Manifest
 from server import errors
+from server import metrics as server_metrics
 from server.auth import Tokens
 from server.backend import Backend
 from server.coalescer import Coalescer
@@ -391,6 +392,7 @@ def test_typed_contents_equal_raw() -> None:
 def test_rest_routes_and_error_statuses() -> None:
     async def main() -> None:
         backend, _ = fake_backend(CONFIG)
+        server_metrics.label_models(backend.models.knows)  # as `gradserve serve` does
         app = create_app(CONFIG, backend, Tokens(CONFIG.auth))
         auth = {"authorization": "Bearer t0k"}
         x = np.random.default_rng(2).random((2, 1, 8, 8), dtype=np.float32)
@@ -415,10 +417,18 @@ def test_rest_routes_and_error_statuses() -> None:
             assert "/v2/models/{model}/infer" in (await http.get("/openapi.json", headers=auth)).json()["paths"]
             for path in ("/openapi.json", "/docs", "/metrics"):  # with a token set, only health is open
                 assert (await http.get(path)).status_code == 401
+            for timeout in ("nan", "inf", "-1", "0", "soon"):
+                answer = await http.post("/v2/models/digits/infer", json=body, headers={**auth, "timeout": timeout})
+                assert answer.status_code == 400 and "timeout must be" in answer.json()["error"]
+            assert (await http.post("/v2/models/made-up-7f3a/infer", json=body, headers=auth)).status_code == 404
             metrics = (await http.get("/metrics", headers=auth)).text
             assert 'protocol="rest",status="NOT_FOUND"' in metrics
+            assert 'model="_unknown"' in metrics and "made-up-7f3a" not in metrics  # made-up names: one label
 
-    asyncio.run(main())
+    try:
+        asyncio.run(main())
+    finally:
+        server_metrics.label_models(lambda model: True)
 
 
 # --- BYTES tensors (encoded files) and the REST wire formats ---------------------------------------------------

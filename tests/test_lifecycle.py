@@ -130,6 +130,7 @@ def test_a_new_version_takes_traffic_once_loaded_and_a_removed_one_drains(store:
         loading = asyncio.create_task(models.reload())
         await asyncio.sleep(0.1)
         assert models.route("m").archive.version == "1.0"  # 2.0 is loading: the default has not moved
+        assert models.serving()  # and the server stays ready: a replica is not pulled while it loads 2.0
         await loading
         assert models.route("m").archive.version == "2.0"
         one = models.route("m", "1.0")
@@ -187,5 +188,44 @@ def test_a_bad_archive_is_unready_with_its_reason_and_the_others_serve(store: Pa
         fake.loaded.clear()
         await started(models)
         assert models.route("good") and len(fake.loaded) == 1
+
+    asyncio.run(main())
+
+
+def test_a_failed_rebuild_leaves_the_old_build_serving_and_is_not_retried_until_it_changes(store: Path) -> None:
+    mar(store, "m", "1.0", build="a")
+
+    async def main() -> None:
+        models, fake = manager(store)
+        await started(models)
+        first = models.route("m")
+        mar(store, "m", "1.0", build="b", broken=True)
+        await asyncio.sleep(0.6)
+        for _ in range(3):  # the watch reads the store every few seconds
+            await models.reload()
+        loads = [internal for what, internal in fake.history if what == "load"]
+        assert models.route("m") is first and len(loads) == 2, loads  # a, then b once
+        mar(store, "m", "1.0", build="c")  # fixed
+        await asyncio.sleep(0.6)
+        await models.reload()
+        assert models.route("m") is not first and models.route("m").internal in fake.loaded
+
+    asyncio.run(main())
+
+
+def test_not_serving_until_every_version_loaded_at_start(store: Path) -> None:
+    mar(store, "a", "1.0")
+    mar(store, "b", "1.0")
+
+    async def main() -> None:
+        fake = FakeTorchServe(load_s=0.3)
+        fake.store = store  # type: ignore[attr-defined]
+        models = ModelManager(store, fake, concurrency=1)  # type: ignore[arg-type]  # one load at a time
+        await models.reload()  # the store as it is, before TorchServe runs
+        start = asyncio.create_task(started(models))
+        await asyncio.sleep(0.45)
+        assert models.route("a") and not models.serving()  # a serves, b still loads: not ready yet
+        await start
+        assert models.serving()
 
     asyncio.run(main())

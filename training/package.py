@@ -57,8 +57,8 @@ class PackageConfig:
         if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", str(self.version)):
             raise ValueError(f"version {self.version!r} must be letters, digits, '.', '_' or '-' (e.g. 1.0)")
         if self.batch_size > 1 and self.max_batch_delay_ms < 1:
-            raise ValueError(f"batch_size {self.batch_size} needs max_batch_delay_ms >= 1: TorchServe reads 0 as a long "
-                             "wait for a full batch")
+            raise ValueError(f"batch_size {self.batch_size} needs max_batch_delay_ms >= 1: TorchServe reads 0 as "
+                             "a long wait for a full batch")
         object.__setattr__(self, "version", str(self.version))
 
 

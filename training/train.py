@@ -267,10 +267,11 @@ def evaluate_and_checkpoint(run: Run, state: TrainState, epoch: int, metrics: Te
     early_stopping(run, state, val_loss)
     if metrics is None:
         return
-    rel = f"checkpoints/step-{state.step}.pt"
+    path = checkpoint.step_path(run.run_dir, state.step)
+    rel = path.relative_to(run.run_dir).as_posix()  # selection.json and metrics.jsonl name it from the run
     state.checkpoints.append(rel)
     payload = checkpoint.payload(run, state, epoch)
-    checkpoint.save_atomic(payload, run.run_dir / rel)
+    checkpoint.save_atomic(payload, path)
     checkpoint.save_atomic(payload, checkpoint.last_path(run.run_dir))
     line = {"kind": "eval", "iteration": state.iteration, "epoch": epoch + 1, **asdict(record), **fields,
             "grad_norm_by_rank": by_rank, "checkpoint": rel, "nonfinite_total": run.monitor.nonfinite_total}

@@ -316,7 +316,10 @@ class TorchServeClient:
         keys = self._keys
         if self._http is not None and keys is not None:
             try:
-                await self._http.delete(f"/models/{name}", headers=_bearer(keys.management), timeout=30)
+                answer = await self._http.delete(f"/models/{name}", headers=_bearer(keys.management), timeout=30)
+                if answer.status_code not in (200, 404):  # 404: TorchServe no longer has it (it restarted)
+                    log.warning("unloading %s from TorchServe failed: HTTP %d %s", name, answer.status_code,
+                                answer.text[:300])
             except httpx.HTTPError as e:
                 log.warning("unloading %s from TorchServe failed: %s", name, e)
         self._set_ready({k: v for k, v in self._ready.items() if k != name})

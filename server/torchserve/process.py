@@ -26,6 +26,7 @@ import zipfile
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+from gradserve.config import ENV_TOKEN
 from gradserve.net import free_ports
 
 LOG_CONFIG = Path(__file__).with_name("log4j2.xml")
@@ -94,7 +95,9 @@ class TorchServe:
         self._log_starts = {p: p.stat().st_size if p.exists() else 0 for p in (self.ts_log_path, self.model_log_path)}
         properties = workdir / "config.properties"
         properties.write_text(self.properties())
-        env = {**os.environ, "TEMP": str(workdir / "tmp"), "TMPDIR": str(workdir / "tmp"),
+        # Not the clients' token: TorchServe and its workers (which run the model's code) never need it.
+        env = {**{k: v for k, v in os.environ.items() if k != ENV_TOKEN}, "TEMP": str(workdir / "tmp"),
+               "TMPDIR": str(workdir / "tmp"),
                "LOG_LOCATION": str(workdir / "logs"), "METRICS_LOCATION": str(workdir / "logs")}
         with open(self.log_path, "ab") as log:
             # Through server/torchserve/guard.py: TorchServe goes down with this process even if it is SIGKILLed.
@@ -148,9 +151,12 @@ class TorchServe:
             self.process.wait(grace)
         # The frontend's python workers share the group; none may outlive it.
         _signal_group(self.process.pid, signal.SIGKILL)
-        self.process.wait(10)
-        if self.process.stdin is not None:
-            self.process.stdin.close()  # the guard's pipe
+        try:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.process.wait(10)
+        finally:
+            if self.process.stdin is not None:
+                self.process.stdin.close()  # the guard's pipe
 
     def __enter__(self) -> TorchServe:
         return self.start()

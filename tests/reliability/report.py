@@ -27,6 +27,11 @@ SCENARIOS = {  # scenario -> (what it does, what "failed as expected" means)
     "torchserve_exposure": "TorchServe's sockets (psutil) and its model API: register calls without the key, with "
                            "a wrong one, of a URL, of a path outside the store",
     "weights_only": "Every torch.load in the repository (AST scan); planted pickles in checkpoint and weights.pt",
+    "bad_archive": "An altered archive and a corrupt one dropped into the store beside a good model, under load",
+    "version_roll": "Version 2.0 written into the store under 16 clients; 1.0 removed once 2.0 serves",
+    "token_rotation": "A token rotated through the token file under load (new beside old, then old dropped)",
+    "oversized_bodies": "4 clients sending 58 MiB REST bodies beside 16 normal clients",
+    "exposure_refused": "`gradserve serve --host 0.0.0.0` without a token",
 }
 
 

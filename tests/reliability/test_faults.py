@@ -95,7 +95,7 @@ def test_worker_killed_under_load(door: FrontDoor, reference: torch.nn.Module,
         f"lost {figures['lost']}, unexpected {figures['unexpected']}; front door log: {door.log_path}")
     assert new and killed[0] not in new, "TorchServe did not replace the killed worker"
     assert max(c.seconds for c in calls if len(c.attempts) == 1) < DEADLINE_S + 1  # nothing hung
-    # TorchServe's log (server/torchserve-log4j2.xml) tells the worker's death and recovery, not each request.
+    # TorchServe's log (server/torchserve/log4j2.xml) tells the worker's death and recovery, not each request.
     log = (door.workdir / "torchserve" / "logs" / "ts_log.log").read_text(errors="replace")
     assert f"{killed[0]} Worker disconnected" in log or "Retry worker" in log, log[-2000:]
     assert "Backend response time" not in log and "[METRICS]" not in log
