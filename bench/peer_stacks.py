@@ -24,6 +24,7 @@ import grpc
 import httpx
 import psutil
 
+from bench.stacks import wait_or_kill
 from gradserve.errors import UsageError
 from gradserve.net import free_ports
 from handlers.manifest import Manifest
@@ -105,15 +106,10 @@ class PeerServer:
         descendants = psutil.Process(self.process.pid).children(recursive=True)
         with contextlib.suppress(ProcessLookupError):
             os.killpg(self.process.pid, signal.SIGTERM)
-        try:
-            self.process.wait(timeout)
-        except subprocess.TimeoutExpired:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(self.process.pid, signal.SIGKILL)
-            self.process.wait(10)
-        for p in descendants:
-            with contextlib.suppress(psutil.Error):
-                p.kill()
+        if wait_or_kill(self.process, timeout, descendants):
+            for p in descendants:  # workers that outlive their server (MLServer's, Triton's stub)
+                with contextlib.suppress(psutil.Error):
+                    p.kill()
 
     def log_tail(self, lines: int = 40) -> str:
         text = self.log_path.read_text(errors="replace") if self.log_path.exists() else ""

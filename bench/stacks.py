@@ -33,6 +33,22 @@ from server.torchserve.process import TorchServe, TorchServeConfig
 GRADSERVE = Path(sys.executable).parent / "gradserve"
 
 
+def wait_or_kill(process: subprocess.Popen[bytes], timeout: float, descendants: list[psutil.Process]) -> bool:
+    """Wait `timeout` seconds for a signalled `process`; True if it exited. If not, SIGKILL its process group and
+    `descendants` (what it had started, which may have left the group), and False."""
+    try:
+        process.wait(timeout)
+        return True
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
+        process.wait(10)
+        for p in descendants:
+            with contextlib.suppress(psutil.Error):
+                p.kill()
+        return False
+
+
 @dataclass
 class FrontDoor:
     """A running `gradserve serve` and how to reach it."""
@@ -78,18 +94,10 @@ class FrontDoor:
             descendants = psutil.Process(self.process.pid).children(recursive=True)
             torchserve = self.torchserve()
             self.process.send_signal(sig)
-            try:
-                self.process.wait(timeout)
-            except subprocess.TimeoutExpired:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(self.process.pid, signal.SIGKILL)
-                self.process.wait(10)
-                if torchserve is not None and torchserve.is_running():
-                    with contextlib.suppress(ProcessLookupError, psutil.Error):
-                        os.killpg(os.getpgid(torchserve.pid), signal.SIGKILL)
-                for p in descendants:
-                    with contextlib.suppress(psutil.Error):
-                        p.kill()
+            exited = wait_or_kill(self.process, timeout, descendants)
+            if not exited and torchserve is not None and torchserve.is_running():  # TorchServe's own group
+                with contextlib.suppress(ProcessLookupError, psutil.Error):
+                    os.killpg(os.getpgid(torchserve.pid), signal.SIGKILL)
         return self.process.returncode
 
     def log_tail(self, lines: int = 60) -> str:

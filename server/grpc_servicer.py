@@ -16,9 +16,10 @@ import numpy as np
 
 from handlers import codec
 from handlers.manifest import Manifest
-from server import metrics, oip
+from server import auth, metrics, oip
+from server.auth import Tokens, grpc_authorized
 from server.backend import Backend
-from server.errors import InvalidInput, status_of
+from server.errors import InvalidInput, Unauthenticated, status_of
 from server.generated import grpc_service_pb2 as pb
 from server.generated import grpc_service_pb2_grpc as pb_grpc
 
@@ -39,8 +40,8 @@ CONTENTS_FIELD = {
 
 def rpc(method: str) -> Callable[[Handler[Request, Response]],
                                   Callable[[Any, Request, grpc.aio.ServicerContext], Awaitable[Response]]]:
-    """A unary RPC observed under `method` (the model is the request's `name` or `model_name`), whose exceptions
-    end the call with their status and message."""
+    """A unary RPC that needs the token, observed under `method` (the model is the request's `name` or
+    `model_name`), whose exceptions end the call with their status and message."""
     def decorate(handler: Handler[Request, Response]
                  ) -> Callable[[Any, Request, grpc.aio.ServicerContext], Awaitable[Response]]:
         @functools.wraps(handler)
@@ -48,6 +49,8 @@ def rpc(method: str) -> Callable[[Handler[Request, Response]],
             model = getattr(request, "model_name", None) or getattr(request, "name", "")
             with metrics.observe("grpc", method, model) as obs:
                 try:
+                    if not grpc_authorized(self.tokens, context):
+                        raise Unauthenticated(auth.MESSAGE)
                     return await handler(self, request, context, obs)
                 except Exception as e:  # noqa: BLE001 - the error table decides what the caller hears
                     status, message = status_of(e)
@@ -59,8 +62,12 @@ def rpc(method: str) -> Callable[[Handler[Request, Response]],
 
 
 class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
-    def __init__(self, backend: Backend) -> None:
+    """The protocol's service. ServerLive and ServerReady answer anyone (they are health); every other method
+    needs the token."""
+
+    def __init__(self, backend: Backend, tokens: Tokens) -> None:
         self._backend = backend
+        self.tokens = tokens
 
     async def ServerLive(self, request: pb.ServerLiveRequest, context: grpc.aio.ServicerContext
                          ) -> pb.ServerLiveResponse:
@@ -70,8 +77,9 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                           ) -> pb.ServerReadyResponse:
         return pb.ServerReadyResponse(ready=self._backend.ready())
 
-    async def ServerMetadata(self, request: pb.ServerMetadataRequest, context: grpc.aio.ServicerContext
-                             ) -> pb.ServerMetadataResponse:
+    @rpc("ServerMetadata")
+    async def ServerMetadata(self, request: pb.ServerMetadataRequest, context: grpc.aio.ServicerContext,
+                             obs: metrics.Observation) -> pb.ServerMetadataResponse:
         return pb.ServerMetadataResponse(**oip.server_metadata())
 
     @rpc("ModelReady")
@@ -94,6 +102,8 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         """Requests run concurrently, at most STREAM_WINDOW of them (then the stream is not read further, and
         gRPC's flow control holds the client back); responses leave in request order; a failed request gets its
         error in its own response and the stream goes on."""
+        if not grpc_authorized(self.tokens, context):
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED, auth.MESSAGE)
         answers: asyncio.Queue[asyncio.Task[pb.ModelStreamInferResponse] | None] = asyncio.Queue()
         window = asyncio.Semaphore(STREAM_WINDOW)
 

@@ -20,6 +20,7 @@ import httpx
 import numpy as np
 import pytest
 from fastapi import FastAPI
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from client.grpc_client import Client, decode, request
 from gradserve.config import build
@@ -330,6 +331,23 @@ def test_grpc_infer_errors_and_stream() -> None:
         async with Client(target) as anonymous:
             assert await code_of(anonymous.infer("digits", x)) == grpc.StatusCode.UNAUTHENTICATED
             assert await anonymous.ready()  # health needs no token
+        async with grpc.aio.insecure_channel(target) as channel:  # every method but health needs the token
+            stub = pb_grpc.GRPCInferenceServiceStub(channel)
+            wrong = (("authorization", "Bearer nope"),)
+            for call in (stub.ServerMetadata(pb.ServerMetadataRequest(), metadata=wrong),
+                         stub.ModelMetadata(pb.ModelMetadataRequest(name="digits")),
+                         stub.ModelReady(pb.ModelReadyRequest(name="digits"), metadata=wrong)):
+                assert await code_of(call) == grpc.StatusCode.UNAUTHENTICATED
+            assert (await stub.ServerLive(pb.ServerLiveRequest())).live
+            stream = stub.ModelStreamInfer(iter([request("digits", x)]))
+            with pytest.raises(grpc.aio.AioRpcError) as refused:
+                [a async for a in stream]
+            assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
+            reflection = reflection_pb2_grpc.ServerReflectionStub(channel)
+            listing = reflection.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")]))
+            with pytest.raises(grpc.aio.AioRpcError) as refused:
+                [a async for a in listing]
+            assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
         async with grpc.aio.insecure_channel(target) as channel:
             stub = pb_grpc.GRPCInferenceServiceStub(channel)
             requests = [request("digits", x, request_id="1"), request("digits", x[:, :, :2], request_id="2"),

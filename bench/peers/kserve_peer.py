@@ -8,7 +8,6 @@ forward. Its per-request log lines (latency, access) are off, as gradserve's Tor
 
 from __future__ import annotations
 
-import argparse
 import logging
 from pathlib import Path
 
@@ -16,7 +15,7 @@ import kserve
 from kserve import InferOutput, InferRequest, InferResponse
 from kserve import model_server as kserve_model_server
 
-from bench.peers.model import PeerModel
+from bench.peers.model import PeerModel, peer_arguments
 
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024  # gRPC messages, as the front door's (KServe's default, 8 MiB, refuses a
 #                                       256-row request of a 3x64x64 model)
@@ -43,15 +42,7 @@ class GradserveKServeModel(kserve.Model):
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model-dir", type=Path, required=True, help="the unpacked archive")
-    parser.add_argument("--name", required=True)
-    parser.add_argument("--http-port", type=int, required=True)
-    parser.add_argument("--grpc-port", type=int, required=True)
-    parser.add_argument("--metrics-port", type=int, default=0, help="unused: KServe serves /metrics on REST")
-    parser.add_argument("--workdir", type=Path, default=Path("."))
-    parser.add_argument("--threads", type=int, default=1, help="torch threads of the model")
-    args = parser.parse_args(argv)
+    args = peer_arguments(__doc__.split("\n\n")[0], argv)
     model = GradserveKServeModel(args.name, args.model_dir, args.threads)
     model.load()
     # KServe reads these from its own command line, parsed when it was imported; its gRPC server reads them here.

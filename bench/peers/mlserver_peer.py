@@ -20,7 +20,7 @@ from mlserver import MLModel
 from mlserver.codecs import NumpyCodec
 from mlserver.types import InferenceRequest, InferenceResponse
 
-from bench.peers.model import PeerModel
+from bench.peers.model import PeerModel, peer_arguments
 from handlers.manifest import Manifest
 
 MAX_BATCH_SIZE = 32
@@ -55,15 +55,7 @@ def settings(args: argparse.Namespace, row_shape: list[int]) -> tuple[dict, dict
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model-dir", type=Path, required=True, help="the unpacked archive")
-    parser.add_argument("--name", required=True)
-    parser.add_argument("--http-port", type=int, required=True)
-    parser.add_argument("--grpc-port", type=int, required=True)
-    parser.add_argument("--metrics-port", type=int, required=True)
-    parser.add_argument("--workdir", type=Path, required=True)
-    parser.add_argument("--threads", type=int, default=1, help="torch threads of the model")
-    args = parser.parse_args(argv)
+    args = peer_arguments(__doc__.split("\n\n")[0], argv)
     server, model = settings(args, list(Manifest.read(args.model_dir).input.row_shape))
     folder = args.workdir / "mlserver"
     folder.mkdir(parents=True, exist_ok=True)

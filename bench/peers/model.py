@@ -8,6 +8,7 @@ mode under inference_mode. It imports torch, numpy and handlers/ only: it runs i
 
 from __future__ import annotations
 
+import argparse
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -60,3 +61,16 @@ class PeerModel:
             if self.manifest.task == "regression":
                 out = self.transform.unstandardize_target(out)
         return out.numpy()
+
+
+def peer_arguments(description: str, argv: list[str] | None) -> argparse.Namespace:
+    """The command line bench/peer_stacks.py starts every peer with."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--model-dir", type=Path, required=True, help="the unpacked archive")
+    parser.add_argument("--name", required=True)
+    parser.add_argument("--http-port", type=int, required=True)
+    parser.add_argument("--grpc-port", type=int, required=True)
+    parser.add_argument("--metrics-port", type=int, required=True, help="where the peer has a port of its own")
+    parser.add_argument("--workdir", type=Path, required=True)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads of the model")
+    return parser.parse_args(argv)

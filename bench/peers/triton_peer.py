@@ -9,17 +9,15 @@ largest request), and the preferred size keeps single-row batches at 32.
 
 from __future__ import annotations
 
-import argparse
 import os
 import sysconfig
-from pathlib import Path
 
 import numpy as np
 from pytriton.decorators import batch
 from pytriton.model_config import DynamicBatcher, ModelConfig, Tensor
 from pytriton.triton import Triton, TritonConfig
 
-from bench.peers.model import PeerModel
+from bench.peers.model import PeerModel, peer_arguments
 
 PREFERRED_BATCH = 32
 MAX_QUEUE_DELAY_US = 2000
@@ -41,15 +39,7 @@ def serve(model: PeerModel, name: str, config: TritonConfig) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model-dir", type=Path, required=True, help="the unpacked archive")
-    parser.add_argument("--name", required=True)
-    parser.add_argument("--http-port", type=int, required=True)
-    parser.add_argument("--grpc-port", type=int, required=True)
-    parser.add_argument("--metrics-port", type=int, required=True)
-    parser.add_argument("--workdir", type=Path, default=Path("."))
-    parser.add_argument("--threads", type=int, default=1, help="torch threads of the model")
-    args = parser.parse_args(argv)
+    args = peer_arguments(__doc__.split("\n\n")[0], argv)
     # Triton's Python backend stub links libpython3.11.so: this interpreter's, not another one the loader finds
     # first (a system Python of another patch level fails inside multiprocessing with this one's stdlib).
     libdir = str(sysconfig.get_config_var("LIBDIR"))
