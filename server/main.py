@@ -136,6 +136,20 @@ async def serve(config: ServeConfig, on_ready: Callable[[], None] | None = None)
     for task in background:
         task.cancel()
 
+    remaining = await _drain(config, backend)
+    if http is not None:
+        http.should_exit = True
+    await asyncio.gather(grpc_server.stop(remaining), *([http_task] if http_task else []))
+    await supervisor.stop()
+    await models.close()
+    log.info("stopped")
+    return 1 if failed else 0
+
+
+async def _drain(config: ServeConfig, backend: Backend) -> float:
+    """Stop taking requests and let accepted ones finish, within the shutdown grace; returns the seconds of
+    grace left for the transports (at least half a second)."""
+    loop = asyncio.get_running_loop()
     grace = config.shutdown.grace_s
     log.info("stopping: in-flight requests get up to %.1f s", grace)
     backend.drain()  # from here new requests get UNAVAILABLE (retry elsewhere) from our own code
@@ -145,13 +159,7 @@ async def serve(config: ServeConfig, on_ready: Callable[[], None] | None = None)
         # Accepted requests finish, and callers (and load balancers) hear UNAVAILABLE from us rather than
         # have their calls cut off by the transport's shutdown.
         await asyncio.sleep(0.02)
-    if http is not None:
-        http.should_exit = True
-    await asyncio.gather(grpc_server.stop(max(deadline - loop.time(), 0.5)), *([http_task] if http_task else []))
-    await supervisor.stop()
-    await models.close()
-    log.info("stopped")
-    return 1 if failed else 0
+    return max(deadline - loop.time(), 0.5)
 
 
 def _http_ended(task: asyncio.Task[None], stop: asyncio.Event, failed: list[str]) -> None:

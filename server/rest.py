@@ -29,6 +29,7 @@ from server.errors import InvalidInput, MessageTooLarge, Unauthenticated, status
 from server.rest_wire import (
     HEADER_LENGTH,
     INFER_DOCS,
+    Inference,
     InferenceResponse,
     body_of,
     describe_inference_request,
@@ -100,14 +101,7 @@ def create_app(config: ServeConfig, backend: Backend, tokens: auth.Tokens) -> Fa
     @app.post("/v2/models/{model}/versions/{version}/infer", response_model=InferenceResponse, **INFER_DOCS)
     @route("ModelInfer")
     async def infer(model: str, request: Request, obs: metrics.Observation, version: str = "") -> Response:
-        header_length = request.headers.get(HEADER_LENGTH)
-        # A compressed body was read within max_message_bytes; inflated, it is held to its model's limit too.
-        limit = backend.body_limit(model, version, binary=header_length is not None)
-        body = await body_of(request, min(config.limits.max_message_bytes, limit or config.limits.max_message_bytes))
-        if len(body) > PARSE_IN_THREAD_BYTES:  # a large body parses in a thread: other clients are not held up
-            call = await asyncio.to_thread(read_inference, body, header_length)
-        else:
-            call = read_inference(body, header_length)
+        call = await _read_call(request, backend, model, version, config.limits.max_message_bytes)
         obs.rows = max((len(x) for x in call.inputs.values() if x.ndim), default=0)
         manifest, outputs = await backend.infer(model, version, call.inputs, call.outputs, _timeout(request))
         return inference_response(manifest, call, outputs)
@@ -122,6 +116,17 @@ def create_app(config: ServeConfig, backend: Backend, tokens: auth.Tokens) -> Fa
 
     describe_inference_request(app)
     return app
+
+
+async def _read_call(request: Request, backend: Backend, model: str, version: str, max_bytes: int) -> Inference:
+    """The request's body, read within the size limits and parsed (a large one in a thread: other clients are
+    not held up). A compressed body was read within max_bytes; inflated, it is held to its model's limit too."""
+    header_length = request.headers.get(HEADER_LENGTH)
+    limit = backend.body_limit(model, version, binary=header_length is not None)
+    body = await body_of(request, min(max_bytes, limit or max_bytes))
+    if len(body) > PARSE_IN_THREAD_BYTES:
+        return await asyncio.to_thread(read_inference, body, header_length)
+    return read_inference(body, header_length)
 
 
 class Guard:
