@@ -27,7 +27,7 @@ import platform
 import sys
 import tempfile
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -37,7 +37,7 @@ import psutil
 from bench import peer_stacks
 from bench.measure import QUICK, RESULTS, SCENARIOS, BenchConfig
 from bench.model_run import bench_model
-from bench.models import ensure_trained, resolve
+from bench.models import BenchModel, ensure_trained, resolve
 from bench.report import markdown, peer_ratios, plot, ratios, update_readme
 from gradserve import config as gradserve_config
 
@@ -75,10 +75,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="repeat a window when other processes used more cores than this (default 0.3)")
     parser.add_argument("--max-attempts", dest="max_attempts", type=int, default=None,
                         help="tries per window at most (default 2; --quick 1)")
-    parser.add_argument("--max-workers", dest="max_workers", type=int, default=None,
-                        help="maxWorkers in the archives (default 1; one worker starts either way)")
+    parser.add_argument("--workers", dest="workers", type=int, default=None,
+                        help="TorchServe workers per model, for the front door and TorchServe direct alike (the "
+                             "archives' min/max_workers; default 1): each gets cores // workers torch threads")
     parser.add_argument("--profile", action="store_true", default=None, help="py-spy the front door under c=64")
     parser.add_argument("--out-dir", dest="out_dir", default=None, help="where <date>.json/.md/.png go")
+
+
+def _threads_of(model: BenchModel, shipped: Any) -> Any:
+    """The bench's package settings, with the torch threads the model's own config gives its workers."""
+    from training.package import PackageConfig
+
+    if model.config is None:
+        return shipped
+    own = gradserve_config.load(PackageConfig, model.config, "package")
+    return replace(shipped, torch_threads=own.torch_threads, parallel_rows=own.parallel_rows)
 
 
 def names(text: str) -> tuple[str, ...]:
@@ -86,7 +97,7 @@ def names(text: str) -> tuple[str, ...]:
 
 
 FLAGS = ("models", "peers", "run", "runs_dir", "train_epochs", "seconds", "warmup_s", "jvm_warmup_s", "in_process_s",
-         "batch_rows", "max_other_cores", "max_attempts", "max_workers", "profile", "out_dir")
+         "batch_rows", "max_other_cores", "max_attempts", "workers", "profile", "out_dir")
 
 
 def main(args: argparse.Namespace) -> int:
@@ -107,14 +118,15 @@ def main(args: argparse.Namespace) -> int:
     label = datetime.now().strftime("%Y-%m-%dT%H%M%S") + ("-quick" if args.quick else "")
     out_dir = Path(config.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    shipped = gradserve_config.load(PackageConfig, path, "package", {"max_workers": config.max_workers})
+    shipped = gradserve_config.load(PackageConfig, path, "package",
+                                    {"min_workers": config.workers, "max_workers": config.workers})
     serve_config = str(path.resolve()) if path else os.devnull
     started = time.monotonic()
     per_model: dict[str, dict[str, Any]] = {}
     with tempfile.TemporaryDirectory(prefix="gradserve-bench-") as tmp:
         for model in models:
-            per_model[model.name] = bench_model(config, model, shipped, Path(tmp) / model.name, serve_config, label,
-                                                peers)
+            per_model[model.name] = bench_model(config, model, _threads_of(model, shipped), Path(tmp) / model.name,
+                                                serve_config, label, peers)
     results = {"date": label, "command": "gradserve bench " + " ".join(sys.argv[2:]),
                "machine": f"{platform.machine()}, {psutil.cpu_count()} cores, Python {platform.python_version()}",
                "settings": {**{k: str(v) for k, v in asdict(config).items()},

@@ -57,7 +57,7 @@ class BenchConfig:
     batch_rows: int = 20480  # rows of the batch job, at most BATCH_BYTES of them
     max_other_cores: float = 0.3  # CPU used by processes not under test, in cores, before a window is repeated
     max_attempts: int = 2
-    max_workers: int = 1  # maxWorkers in the archives (the handler gives each worker cores // maxWorkers threads)
+    workers: int = 1  # TorchServe workers per model: the archives' min/max_workers (each gets cores // workers threads)
     profile: bool = False  # py-spy the front door under frontdoor_grpc c64
 
 

@@ -23,11 +23,13 @@ from typing import Any
 import grpc
 import httpx
 import psutil
+import yaml
 
 from bench.stacks import wait_or_kill
 from gradserve.errors import UsageError
 from gradserve.net import free_ports
 from handlers.manifest import Manifest
+from handlers.threads import Threads
 
 BENCH = Path(__file__).resolve().parent
 ROOT = BENCH.parent
@@ -116,19 +118,22 @@ class PeerServer:
         return "\n".join(text.splitlines()[-lines:])
 
 
-def start_peer(peer: Peer, archive: Path, workdir: Path, threads: int = 1) -> PeerServer:
-    """The peer's server for `archive` (unpacked into workdir/model) on free ports, its log in workdir/peer.log."""
+def start_peer(peer: Peer, archive: Path, workdir: Path) -> PeerServer:
+    """The peer's server for `archive` (unpacked into workdir/model) on free ports, its log in workdir/peer.log;
+    its model runs on the threads the archive's handler would use (handlers/threads.py)."""
     model_dir = workdir / "model"
     with zipfile.ZipFile(archive) as mar:
         mar.extractall(model_dir)
     name = Manifest.read(model_dir).name
+    threads = Threads.from_config(yaml.safe_load((model_dir / "model-config.yaml").read_text()) or {})
     http_port, grpc_port, metrics_port = free_ports("127.0.0.1", 3)
     log_path = workdir / "peer.log"
     env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1"}
     env.pop("VIRTUAL_ENV", None)
     command = [str(python_of(peer)), "-m", peer.module, "--model-dir", str(model_dir), "--name", name,
                "--http-port", str(http_port), "--grpc-port", str(grpc_port), "--metrics-port", str(metrics_port),
-               "--workdir", str(workdir), "--threads", str(threads)]
+               "--workdir", str(workdir), "--threads", str(threads.most),
+               "--parallel-rows", str(threads.parallel_rows)]
     with open(log_path, "ab") as log:
         process = subprocess.Popen(command, cwd=workdir, env=env, stdin=subprocess.DEVNULL, stdout=log,
                                    stderr=subprocess.STDOUT, start_new_session=True)

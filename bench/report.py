@@ -124,7 +124,7 @@ def header(results: dict[str, Any]) -> list[str]:
              f"Machine: {results['machine']}  ", f"Models: {', '.join(results['models'])}  ",
              f"Window {s['seconds']} s after {s['warmup_s']} s warm-up (and {s.get('jvm_warmup_s', '0')} s at c=64 "
              "per way before the first window); front door's TorchServe archive: "
-             f"{s['frontdoor_archive']}; archives' maxWorkers {s.get('max_workers', 1)} (one worker runs). "
+             f"{s['frontdoor_archive']}; TorchServe workers per model {s.get('workers', 1)}. "
              "CPU columns: ms of CPU per request of each process (loadgen = the client; server = front door + "
              "TorchServe java + its python worker, or the peer's processes); rows/backend call: rows per front-door "
              "call to TorchServe after coalescing; `other`: cores that processes not under test used during the "

@@ -1,7 +1,7 @@
 """TorchServe custom handler: validate each request on its own, run the valid ones in one eval-mode forward.
 
 Requests and responses are `handlers.codec` messages (see ARCHITECTURE.md); this file knows no transport.
-The archive ships it beside the rest of handlers/ (codec, manifest, factory, preprocess), the model's code
+The archive ships it beside the rest of handlers/ (codec, manifest, factory, preprocess, threads), the model's code
 (training/model.py for the built-in ConvNet, or the user's module or package), `weights.pt` and
 `gradserve.json`. A request carries exactly one of the model's inputs: `input` (the preprocessed tensor) or, for
 an image model, `image` (one encoded file per row, decoded and resized here exactly as in training); an element
@@ -13,7 +13,6 @@ from __future__ import annotations
 import hashlib
 import inspect
 import logging
-import os
 import sys
 from collections import Counter
 from collections.abc import Sequence
@@ -29,6 +28,7 @@ from handlers import codec
 from handlers.factory import BUILTIN, ModelSpec, forget_foreign
 from handlers.manifest import InvalidRows, Manifest, validate_rows
 from handlers.preprocess import ImageError, Preprocess
+from handlers.threads import Threads
 
 logger = logging.getLogger(__name__)
 
@@ -46,7 +46,8 @@ class GradserveHandler(BaseHandler):
         gpu_id = props.get("gpu_id")
         use_cuda = gpu_id is not None and torch.cuda.is_available()
         self.device = torch.device(f"cuda:{gpu_id}" if use_cuda else "cpu")
-        torch.set_num_threads(thread_budget(getattr(context, "model_yaml_config", None) or {}))
+        self.threads = Threads.from_config(getattr(context, "model_yaml_config", None) or {})
+        torch.set_num_threads(self.threads.most)
 
         if str(model_dir) not in sys.path:  # the archive's root: the model's code (TorchServe puts it there too)
             sys.path.insert(0, str(model_dir))
@@ -65,9 +66,9 @@ class GradserveHandler(BaseHandler):
         with torch.inference_mode():
             self.model(torch.zeros((2, *self.transform.in_shape), device=self.device))  # warm-up
         self.initialized = True
-        logger.info("gradserve handler ready: %s v%s (%s) on %s, %d threads, model code %s", self.manifest.name,
-                    self.manifest.version, self.manifest.task, self.device, torch.get_num_threads(),
-                    inspect.getfile(type(self.model)))
+        logger.info("gradserve handler ready: %s v%s (%s) on %s, %d threads for calls of %d rows or more (1 "
+                    "below), model code %s", self.manifest.name, self.manifest.version, self.manifest.task,
+                    self.device, self.threads.most, self.threads.parallel_rows, inspect.getfile(type(self.model)))
 
     def handle(self, data: list[dict[str, Any]], context: Any) -> list[bytes]:
         self.context = context
@@ -89,6 +90,7 @@ class GradserveHandler(BaseHandler):
     def inference(self, data: torch.Tensor, *args: Any, **kwargs: Any) -> dict[str, torch.Tensor | np.ndarray]:
         """The model's outputs for the task: classification logits/label/probabilities/class_name (and every
         extra head of a multi-task model by its name); regression `prediction` in the targets' own units."""
+        self.threads.use(len(data))
         with torch.inference_mode():
             x = self.transform.standardize(data.to(self.device, non_blocking=True))
             heads = self._forward(x)  # {"logits": (N, K), ...}
@@ -149,12 +151,3 @@ def verify(model_dir: Path, manifest: Manifest) -> None:
             what = "weights" if relative == manifest.weights_file else "model code"
             raise RuntimeError(f"{relative} has sha256 {digest}, the manifest says {expected}: refusing {what} that "
                                "were altered; repackage")
-
-
-def thread_budget(yaml_config: dict[str, Any]) -> int:
-    """Torch threads for one worker. Workers of one model share the cores: workers x threads must not
-    oversubscribe them. A small model runs fastest on one thread (OpenMP's spinning costs more than it gains);
-    model-config.yaml's handler.torch_threads says how many, capped by that share."""
-    share = max(1, len(os.sched_getaffinity(0)) // max(1, int(yaml_config.get("maxWorkers", 1))))
-    wanted = (yaml_config.get("handler") or {}).get("torch_threads") or share
-    return min(int(wanted), share)

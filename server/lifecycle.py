@@ -59,11 +59,10 @@ class Version:
 
 class ModelManager:
     def __init__(self, store: Path, client: TorchServeClient, default_versions: Mapping[str, str] | None = None,
-                 workers: int = 1, load_timeout_s: float = 180.0, concurrency: int = 4) -> None:
+                 load_timeout_s: float = 180.0, concurrency: int = 4) -> None:
         self._store = Path(store)
         self._client = client
         self._pinned = dict(default_versions or {})
-        self._workers = workers
         self._load_timeout_s = load_timeout_s
         self._loads = asyncio.Semaphore(concurrency)
         self._versions: dict[str, dict[str, Version]] = {}  # name -> version -> Version (what requests route to)
@@ -226,7 +225,7 @@ class ModelManager:
         started = time.monotonic()
         async with self._loads:
             try:
-                await self._client.register(torchserve, archive.path.name, archive.internal_name, self._workers,
+                await self._client.register(torchserve, archive.path.name, archive.internal_name, archive.workers,
                                             self._load_timeout_s)
             except (LoadFailed, httpx.HTTPError, OSError) as e:  # TorchServe may also die under the load
                 loaded.state, loaded.reason = "failed", str(e)

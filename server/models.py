@@ -13,8 +13,10 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import yaml
+
 from handlers.manifest import Manifest, ManifestError
-from server.torchserve.process import archive_model_name
+from server.torchserve.process import archive_model_name, archive_workers
 
 
 @dataclass(frozen=True)
@@ -23,6 +25,7 @@ class Archive:
     sha256: str  # of the file: two copies of one build are one archive
     manifest: Manifest | None  # None when it cannot be read
     problem: str = ""  # why it cannot be served
+    workers: int = 1  # TorchServe workers it runs on (package.min_workers)
 
     @property
     def name(self) -> str:
@@ -52,12 +55,13 @@ def _archive(path: Path, digest: str) -> Archive:
     try:
         manifest = Manifest.from_archive(path)
         registered = archive_model_name(path)
-    except (ManifestError, OSError, KeyError, ValueError) as e:
+        workers = archive_workers(path)
+    except (ManifestError, OSError, KeyError, ValueError, yaml.YAMLError) as e:
         return Archive(path, digest, None, f"{path.name} is not a gradserve archive ({e}); repackage it")
     if registered != manifest.name:
         return Archive(path, digest, None, f"{path.name}: TorchServe registers it as {registered!r} but its "
                                            f"gradserve.json names {manifest.name!r}; repackage it")
-    return Archive(path, digest, manifest)
+    return Archive(path, digest, manifest, workers=workers)
 
 
 def scan(store: Path, known: dict[Path, tuple[float, int, Archive]] | None = None, settle_s: float = 0.0

@@ -23,6 +23,7 @@ from gradserve.errors import UsageError
 from handlers import codec
 from handlers.local import LocalModel
 from handlers.manifest import Manifest
+from handlers.threads import Threads
 
 ROOT = Path(__file__).resolve().parent.parent
 GRADSERVE = Path(sys.executable).parent / "gradserve"
@@ -117,7 +118,7 @@ def test_peers_model_answers_as_the_handler_does(tmp_path: Path) -> None:
     archive = package(make_run(tmp_path / "runs"), PackageConfig(model_store=str(tmp_path / "store")))
     with zipfile.ZipFile(archive) as mar:
         mar.extractall(tmp_path / "model")
-    model = PeerModel.load(tmp_path / "model")
+    model = PeerModel.load(tmp_path / "model", Threads(most=1))
     x = sample_rows(Manifest.from_archive(archive), 5)
     logits = model.predict(x)
     with LocalModel(archive) as local:

@@ -160,6 +160,28 @@ def test_threads_share_the_cores_between_workers(model_dir: Path) -> None:
         torch.set_num_threads(max(1, len(os.sched_getaffinity(0))))
 
 
+def test_small_calls_run_on_one_thread_big_ones_on_the_workers_share(model_dir: Path) -> None:
+    """A call of fewer than parallel_rows rows (coalesced single rows) forwards on one thread, a bigger one (the
+    rows of all its requests together) on the worker's share of the cores (handlers/threads.py)."""
+    cores = len(os.sched_getaffinity(0))
+    ctx = local.context(model_dir, handler_settings={"torch_threads": 2, "parallel_rows": 8})
+    h = GradserveHandler()
+    try:
+        h.initialize(ctx)
+        seen: list[int] = []
+        for module in h.model.modules():  # every layer says the threads it ran on
+            module.register_forward_pre_hook(lambda module, args: seen.append(torch.get_num_threads()))
+        x = np.random.default_rng(5).random((8, 1, 8, 8), dtype=np.float32)
+        threads = []
+        for requests in ([x[:1]], [x[:8]], [x[:3], x[3:5]], [x[:3], x[3:6], x[6:8]], [x[:2]]):
+            seen.clear()
+            h.handle([{"data": codec.encode({"input": r})} for r in requests], ctx)
+            threads.append(set(seen))
+        assert threads == [{1}, {min(2, cores)}, {1}, {min(2, cores)}, {1}]
+    finally:
+        torch.set_num_threads(max(1, cores))
+
+
 def test_chunked_forwards_equal_one_forward(handler: GradserveHandler, reference: torch.nn.Module,
                                             model_dir: Path) -> None:
     """The handler forwards big batches in chunks of the archive's forward_rows (the fastest batch size, measured

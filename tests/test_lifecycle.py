@@ -23,13 +23,18 @@ MANIFEST = {"format_version": 2, "inputs": [{"name": "input", "datatype": "FP32"
 
 
 def mar(store: Path, name: str, version: str, build: str = "a", file: str | None = None,
-        broken: bool = False) -> Path:
-    """An archive as TorchServe and gradserve read it (its manifest, and TorchServe's own)."""
+        broken: bool = False, workers: int | None = None) -> Path:
+    """An archive as TorchServe and gradserve read it (its manifest, TorchServe's own, and its model-config.yaml
+    when `workers` is given)."""
     path = store / (file or f"{name}-{version}.mar")
+    model = {"modelName": name, "modelVersion": version}
     with zipfile.ZipFile(path, "w") as z:
         z.writestr("gradserve.json", json.dumps({**MANIFEST, "name": name, "version": version, "build": build,
                                                  "broken": broken}))
-        z.writestr("MAR-INF/MANIFEST.json", json.dumps({"model": {"modelName": name, "modelVersion": version}}))
+        if workers is not None:
+            z.writestr("model-config.yaml", f"minWorkers: {workers}\nmaxWorkers: {workers}\n")
+            model["configFile"] = "model-config.yaml"
+        z.writestr("MAR-INF/MANIFEST.json", json.dumps({"model": model}))
     return path
 
 
@@ -40,6 +45,7 @@ class FakeTorchServe:
         self.load_s = load_s
         self.loaded: dict[str, str] = {}  # internal name -> archive file
         self.history: list[tuple[str, str]] = []
+        self.workers: dict[str, int] = {}  # internal name -> workers it was loaded with
         self._listeners: list = []
 
     def add_listener(self, listener) -> None:  # type: ignore[no-untyped-def]
@@ -52,6 +58,7 @@ class FakeTorchServe:
                        timeout: float | None = None) -> None:
         await asyncio.sleep(self.load_s)
         self.history.append(("load", internal))
+        self.workers[internal] = workers
         if json.loads(zipfile.ZipFile(self.store / archive).read("gradserve.json"))["broken"]:
             raise LoadFailed("model x: its worker failed to load 3 times: RuntimeError: refusing weights")
         self.loaded[internal] = archive
@@ -229,3 +236,15 @@ def test_not_serving_until_every_version_loaded_at_start(store: Path) -> None:
         assert models.serving()
 
     asyncio.run(main())
+
+
+def test_each_archive_loads_with_the_workers_its_config_asks_for(store: Path) -> None:
+    mar(store, "wide", "1", workers=3)
+    mar(store, "plain", "1")  # no model-config.yaml: one worker
+
+    async def scenario() -> dict[str, int]:
+        models, fake = manager(store)
+        await started(models)
+        return {name: fake.workers[models.resolve(name).internal] for name in ("wide", "plain")}
+
+    assert asyncio.run(scenario()) == {"wide": 3, "plain": 1}

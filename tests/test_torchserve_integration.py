@@ -229,3 +229,42 @@ def test_a_model_that_cannot_load_fails_the_start_fast_with_the_workers_words(st
         torchserve.stop()
     assert time.monotonic() - started < 60
     assert "refusing weights that were altered" in str(failed.value)
+
+
+def test_the_front_door_runs_the_workers_the_archive_asks_for(store: Path, tmp_path: Path) -> None:
+    """`package.min_workers` is how a machine with more cores gets more TorchServe workers: the model manager
+    loads each archive with its model-config.yaml's minWorkers (here 2), not a fixed one."""
+    wide = tmp_path / "store"
+    wide.mkdir()
+    with zipfile.ZipFile(store / "digits.mar") as source, zipfile.ZipFile(wide / "digits.mar", "w") as target:
+        for item in source.infolist():
+            data = source.read(item)
+            if item.filename == "model-config.yaml":
+                data = re.sub(rb"(?m)^(min|max)Workers: \d+$", rb"\1Workers: 2", data)
+            target.writestr(item, data)
+    archive = read_archive(wide / "digits.mar")
+    assert archive.workers == 2
+    torchserve = TorchServe(TorchServeConfig(model_store=wide, workdir=tmp_path / "ts", enable_model_api=True))
+
+    async def scenario() -> list[dict]:
+        client = TorchServeClient(TorchServeSection(ready_poll_s=3600))
+        models = ModelManager(wide, client)
+        await asyncio.to_thread(torchserve.start)
+        await client.start(torchserve, 60)
+        try:
+            await models.torchserve_started(torchserve)
+            assert models.ready(models.resolve("digits"))
+        finally:
+            await client.stop()
+            await models.close()
+        keys = Keys.read(torchserve.endpoint.key_file)
+        described = urllib.request.Request(f"{torchserve.endpoint.management_url}/models/{archive.internal_name}",
+                                           headers={"Authorization": f"Bearer {keys.management}"})
+        with urllib.request.urlopen(described, timeout=10) as answer:
+            return json.loads(answer.read())
+
+    try:
+        (model,) = asyncio.run(scenario())
+    finally:
+        torchserve.stop()
+    assert len(model["workers"]) == 2 and model["minWorkers"] == 2, model

@@ -32,6 +32,7 @@ from handlers.factory import ModelSpec
 from handlers.manifest import FILE as MANIFEST_FILE
 from handlers.manifest import Manifest, TensorSpec
 from handlers.preprocess import Preprocess
+from handlers.threads import PARALLEL_ROWS, Threads
 from training.archive_check import check_archive
 from training.forward_rows import fastest_rows
 from training.model_code import sha256, stage_model_code
@@ -46,11 +47,14 @@ class PackageConfig:
     # clients that call TorchServe directly, set e.g. 32 and 5 ms.
     batch_size: int = 1
     max_batch_delay_ms: int = 0     # TorchServe maxBatchDelay (with batch_size > 1; its 0 then means a long wait)
-    min_workers: int = 1
-    max_workers: int = 1
+    min_workers: int = 1            # TorchServe workers `gradserve serve` runs the model on
+    max_workers: int = 1            # each worker gets at most cores // max_workers torch threads
     response_timeout_s: int = 30
     max_rows: int = 1024            # rows one request may carry
-    torch_threads: int = 1          # torch threads per worker (capped by cores / workers)
+    # Torch threads of a worker for calls of parallel_rows rows or more (0: its share, cores // max_workers; capped
+    # by it); smaller calls run on one thread. 1 suits small models, 0 heavy ones (handlers/threads.py says why).
+    torch_threads: int = 1
+    parallel_rows: int = PARALLEL_ROWS
     forward_rows: int | None = None  # rows the handler forwards at once; None: the fastest, measured here; 0: all
 
     def __post_init__(self) -> None:
@@ -59,6 +63,9 @@ class PackageConfig:
         if self.batch_size > 1 and self.max_batch_delay_ms < 1:
             raise ValueError(f"batch_size {self.batch_size} needs max_batch_delay_ms >= 1: TorchServe reads 0 as "
                              "a long wait for a full batch")
+        if not 1 <= self.min_workers <= self.max_workers:
+            raise ValueError(f"min_workers {self.min_workers} and max_workers {self.max_workers}: need "
+                             "1 <= min_workers <= max_workers")
         object.__setattr__(self, "version", str(self.version))
 
 
@@ -94,15 +101,16 @@ def package(run: Path, config: PackageConfig, allow_fallback: bool = False, forc
         code = stage_model_code(spec, checkpoint["config"].get("code_dir"), extra)
         weights = stage / "weights.pt"
         torch.save(checkpoint["state_dict"], weights)
-        rows = _forward_rows(config, spec, checkpoint)
+        torchserve_config = {
+            "minWorkers": config.min_workers, "maxWorkers": config.max_workers, "batchSize": config.batch_size,
+            "maxBatchDelay": config.max_batch_delay_ms, "responseTimeout": config.response_timeout_s,
+            "handler": {"torch_threads": config.torch_threads, "parallel_rows": config.parallel_rows}}
+        rows = _forward_rows(config, spec, checkpoint, Threads.from_config(torchserve_config).most)
         manifest = replace(_manifest(name, config, chosen, checkpoint, sha256(weights), allow_fallback, code),
                            forward_rows=rows)
         manifest.write(extra / MANIFEST_FILE)
         model_config = stage / "model-config.yaml"
-        model_config.write_text(yaml.safe_dump({
-            "minWorkers": config.min_workers, "maxWorkers": config.max_workers, "batchSize": config.batch_size,
-            "maxBatchDelay": config.max_batch_delay_ms, "responseTimeout": config.response_timeout_s,
-            "handler": {"torch_threads": config.torch_threads}}))
+        model_config.write_text(yaml.safe_dump(torchserve_config))
         built = _archive(name, config.version, stage, weights, model_config, extra)
         check_archive(built)  # refuses, saying why, an archive that would not load in TorchServe
         store.mkdir(parents=True, exist_ok=True)
@@ -113,8 +121,9 @@ def package(run: Path, config: PackageConfig, allow_fallback: bool = False, forc
     return store / f"{name}.mar"
 
 
-def _forward_rows(config: PackageConfig, spec: ModelSpec, checkpoint: dict[str, Any]) -> int:
-    """The configured chunk, or the fastest one for the trained model on this machine (training/forward_rows.py)."""
+def _forward_rows(config: PackageConfig, spec: ModelSpec, checkpoint: dict[str, Any], threads: int) -> int:
+    """The configured chunk, or the fastest one for the trained model on this machine (training/forward_rows.py),
+    on the threads a worker gives a big call."""
     if config.forward_rows is not None:
         return config.forward_rows
     from training.setup import put_code_on_path
@@ -122,10 +131,10 @@ def _forward_rows(config: PackageConfig, spec: ModelSpec, checkpoint: dict[str, 
     put_code_on_path(checkpoint["config"].get("code_dir"), spec.factory)
     model = spec.build()
     model.load_state_dict(checkpoint["state_dict"])
-    return fastest_rows(model, spec.in_shape, config.torch_threads, config.max_rows)
+    return fastest_rows(model, spec.in_shape, threads, config.max_rows)
 
 
-HANDLER_MODULES = ("__init__.py", "codec.py", "manifest.py", "factory.py", "preprocess.py")
+HANDLER_MODULES = ("__init__.py", "codec.py", "manifest.py", "factory.py", "preprocess.py", "threads.py")
 
 
 def _stage_handlers(extra: Path) -> None:

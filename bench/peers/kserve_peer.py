@@ -16,6 +16,7 @@ from kserve import InferOutput, InferRequest, InferResponse
 from kserve import model_server as kserve_model_server
 
 from bench.peers.model import PeerModel, peer_arguments
+from handlers.threads import Threads
 
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024  # gRPC messages, as the front door's (KServe's default, 8 MiB, refuses a
 #                                       256-row request of a 3x64x64 model)
@@ -24,12 +25,12 @@ MAX_MESSAGE_BYTES = 64 * 1024 * 1024  # gRPC messages, as the front door's (KSer
 class GradserveKServeModel(kserve.Model):
     """One input `input` FP32 [-1, *row_shape], one output (`logits`) FP32 [-1, K]."""
 
-    def __init__(self, name: str, model_dir: Path, threads: int) -> None:
+    def __init__(self, name: str, model_dir: Path, threads: Threads) -> None:
         super().__init__(name)
         self.model_dir, self.threads = model_dir, threads
 
     def load(self) -> bool:
-        self.model = PeerModel.load(self.model_dir, threads=self.threads)
+        self.model = PeerModel.load(self.model_dir, self.threads)
         self.ready = True
         return True
 

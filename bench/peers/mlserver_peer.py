@@ -22,6 +22,7 @@ from mlserver.types import InferenceRequest, InferenceResponse
 
 from bench.peers.model import PeerModel, peer_arguments
 from handlers.manifest import Manifest
+from handlers.threads import Threads
 
 MAX_BATCH_SIZE = 32
 MAX_BATCH_TIME_S = 0.005
@@ -34,7 +35,9 @@ class GradserveRuntime(MLModel):
     async def load(self) -> bool:
         parameters = self.settings.parameters
         assert parameters is not None and parameters.uri is not None
-        self.model = PeerModel.load(Path(parameters.uri), threads=int((parameters.extra or {}).get("threads", 1)))
+        extra = parameters.extra or {}
+        self.model = PeerModel.load(Path(parameters.uri), Threads(int(extra.get("threads", 1)),
+                                                                  int(extra.get("parallel_rows", 0))))
         return True
 
     async def predict(self, payload: InferenceRequest) -> InferenceResponse:
@@ -50,7 +53,8 @@ def settings(args: argparse.Namespace, row_shape: list[int]) -> tuple[dict, dict
     model = {"name": args.name, "implementation": "bench.peers.mlserver_peer.GradserveRuntime",
              "max_batch_size": MAX_BATCH_SIZE, "max_batch_time": MAX_BATCH_TIME_S,
              "inputs": [{"name": "input", "datatype": "FP32", "shape": [-1, *row_shape]}],
-             "parameters": {"uri": str(args.model_dir), "extra": {"threads": args.threads}}}
+             "parameters": {"uri": str(args.model_dir), "extra": {"threads": args.threads.most,
+                                                                   "parallel_rows": args.threads.parallel_rows}}}
     return server, model
 
 

@@ -2,7 +2,7 @@
 the handler rebuilds it (handlers/factory.py's ModelSpec, the manifest's weights and standardisation), in eval
 mode under inference_mode. It imports torch, numpy and handlers/ only: it runs in the peers' venvs.
 
-    model = PeerModel.load(Path("unpacked-archive"), threads=1)
+    model = PeerModel.load(Path("unpacked-archive"), Threads(most=2, parallel_rows=128))
     logits = model.predict(x)          # x: float32 [n, *row_shape] -> float32 [n, K]
 """
 
@@ -20,6 +20,7 @@ from torch import nn
 from handlers.factory import BUILTIN, ModelSpec, forget_foreign
 from handlers.manifest import Manifest
 from handlers.preprocess import Preprocess
+from handlers.threads import Threads
 
 
 @dataclass
@@ -27,11 +28,12 @@ class PeerModel:
     manifest: Manifest
     module: nn.Module
     transform: Preprocess
+    threads: Threads
 
     @classmethod
-    def load(cls, model_dir: Path, threads: int = 1) -> PeerModel:
-        """The model of an unpacked archive; `threads` torch threads (the archives' torch_threads: 1)."""
-        torch.set_num_threads(threads)
+    def load(cls, model_dir: Path, threads: Threads) -> PeerModel:
+        """The model of an unpacked archive, on the threads its handler would use (handlers/threads.py)."""
+        torch.set_num_threads(threads.most)
         manifest = Manifest.read(model_dir)
         if str(model_dir) not in sys.path:  # the model's code, as the archive carries it
             sys.path.insert(0, str(model_dir))
@@ -40,7 +42,7 @@ class PeerModel:
             forget_foreign((spec.factory,), model_dir)
         module = spec.build()
         module.load_state_dict(torch.load(model_dir / manifest.weights_file, map_location="cpu", weights_only=True))
-        model = cls(manifest, module.eval(), Preprocess.from_dict(manifest.preprocess))
+        model = cls(manifest, module.eval(), Preprocess.from_dict(manifest.preprocess), threads)
         model.predict(np.zeros((2, *manifest.input.row_shape), dtype=np.float32))  # warm-up
         return model
 
@@ -56,6 +58,7 @@ class PeerModel:
     def predict(self, x: np.ndarray) -> np.ndarray:
         """float32 [n, *row_shape] raw inputs -> float32 [n, K]: standardised, forward, a regressor's targets
         back in their own units."""
+        self.threads.use(len(x))
         with torch.inference_mode():
             out = self.module(self.transform.standardize(torch.from_numpy(np.ascontiguousarray(x, np.float32))))
             if self.manifest.task == "regression":
@@ -72,5 +75,9 @@ def peer_arguments(description: str, argv: list[str] | None) -> argparse.Namespa
     parser.add_argument("--grpc-port", type=int, required=True)
     parser.add_argument("--metrics-port", type=int, required=True, help="where the peer has a port of its own")
     parser.add_argument("--workdir", type=Path, required=True)
-    parser.add_argument("--threads", type=int, default=1, help="torch threads of the model")
-    return parser.parse_args(argv)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads for calls of --parallel-rows or more")
+    parser.add_argument("--parallel-rows", dest="parallel_rows", type=int, default=0,
+                        help="smaller calls run on one thread (0: every call on --threads)")
+    args = parser.parse_args(argv)
+    args.threads = Threads(args.threads, args.parallel_rows)
+    return args

@@ -46,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ["LD_LIBRARY_PATH"] = os.pathsep.join(filter(None, [libdir, os.environ.get("LD_LIBRARY_PATH")]))
     config = TritonConfig(http_address="127.0.0.1", http_port=args.http_port, grpc_address="127.0.0.1",
                           grpc_port=args.grpc_port, metrics_port=args.metrics_port, log_verbose=0)
-    serve(PeerModel.load(args.model_dir, threads=args.threads), args.name, config)
+    serve(PeerModel.load(args.model_dir, args.threads), args.name, config)
     return 0
 
 

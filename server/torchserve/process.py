@@ -26,6 +26,8 @@ import zipfile
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+import yaml
+
 from gradserve.config import ENV_TOKEN
 from gradserve.net import free_ports
 
@@ -235,6 +237,16 @@ def archive_model_name(path: Path) -> str:
     """The model name TorchServe registers for an archive (MAR-INF/MANIFEST.json)."""
     with zipfile.ZipFile(path) as z:
         return json.loads(z.read("MAR-INF/MANIFEST.json"))["model"]["modelName"]
+
+
+def archive_workers(path: Path) -> int:
+    """The workers an archive asks for: minWorkers of its model-config.yaml (`package.min_workers`), else 1."""
+    with zipfile.ZipFile(path) as z:
+        config_file = json.loads(z.read("MAR-INF/MANIFEST.json"))["model"].get("configFile")
+        if not config_file or config_file not in z.namelist():
+            return 1
+        workers = (yaml.safe_load(z.read(config_file)) or {}).get("minWorkers", 1)
+    return workers if isinstance(workers, int) and workers >= 1 else 1
 
 
 def _signal_group(pgid: int, sig: signal.Signals) -> None:
