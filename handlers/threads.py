@@ -5,8 +5,8 @@ two threads made single-row traffic at c=16 20-40% slower, because after each pa
 thread spins for the next one on a core the front door, TorchServe and the clients need. So a call with fewer
 than `parallel_rows` rows (coalesced single rows, small batches) runs on one thread, and a bigger one (a batch
 job's request) on `handler.torch_threads` (0: the worker's share of the cores). Whether a big call gains from
-more threads depends on the model: the ResNet example's 256-row requests ran 1.4x faster on 2 threads, the
-8x8 demo CNN's slower (its parallel regions are too short to pay for the second thread on a busy core), so the
+more threads depends on the model: the ResNet example's 256-row requests ran 1.4x faster on 2 threads; for the
+8x8 demo CNN, whose parallel regions are short, runs disagreed and its batch job ran half as fast. So the
 packaged default is 1 and a heavy model sets 0. The handler and the bench's peers both use this.
 """
 

@@ -11,7 +11,7 @@ import time
 import urllib.error
 import urllib.request
 import zipfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import grpc
@@ -54,6 +54,16 @@ def reference_model(store: Path) -> torch.nn.Module:
     model = ModelSpec.from_dict(manifest["model_config"]).build()
     model.load_state_dict(state)
     return model.eval()
+
+
+def copy_archive(archive: Path, store: Path, member: str, edit: Callable[[bytes], bytes]) -> Path:
+    """A copy of `archive` in a new store folder, one of its files changed by `edit`; returns the store."""
+    store.mkdir()
+    with zipfile.ZipFile(archive) as source, zipfile.ZipFile(store / archive.name, "w") as target:
+        for item in source.infolist():
+            data = source.read(item)
+            target.writestr(item, edit(data) if item.filename == member else data)
+    return store
 
 
 def test_everything_listens_on_loopback_only(torchserve: TorchServe) -> None:
@@ -211,14 +221,8 @@ def test_the_backend_follows_keys_renewed_behind_its_back(store: Path, tmp_path:
 def test_a_model_that_cannot_load_fails_the_start_fast_with_the_workers_words(store: Path, tmp_path: Path) -> None:
     """A broken archive (here: weights altered after packaging, so the handler refuses them) never comes up:
     the launcher says so after a few failed loads, quoting the worker, instead of waiting out its timeout."""
-    broken = tmp_path / "store"
-    broken.mkdir()
-    with zipfile.ZipFile(store / "digits.mar") as source, zipfile.ZipFile(broken / "digits.mar", "w") as target:
-        for item in source.infolist():
-            data = source.read(item)
-            if item.filename == "weights.pt":
-                data = data[:-200] + bytes([data[-200] ^ 1]) + data[-199:]
-            target.writestr(item, data)
+    broken = copy_archive(store / "digits.mar", tmp_path / "store", "weights.pt",
+                          lambda data: data[:-200] + bytes([data[-200] ^ 1]) + data[-199:])
     torchserve = TorchServe(TorchServeConfig(model_store=broken, workdir=tmp_path / "ts", models=("digits.mar",)))
     started = time.monotonic()
     try:
@@ -234,14 +238,8 @@ def test_a_model_that_cannot_load_fails_the_start_fast_with_the_workers_words(st
 def test_the_front_door_runs_the_workers_the_archive_asks_for(store: Path, tmp_path: Path) -> None:
     """`package.min_workers` is how a machine with more cores gets more TorchServe workers: the model manager
     loads each archive with its model-config.yaml's minWorkers (here 2), not a fixed one."""
-    wide = tmp_path / "store"
-    wide.mkdir()
-    with zipfile.ZipFile(store / "digits.mar") as source, zipfile.ZipFile(wide / "digits.mar", "w") as target:
-        for item in source.infolist():
-            data = source.read(item)
-            if item.filename == "model-config.yaml":
-                data = re.sub(rb"(?m)^(min|max)Workers: \d+$", rb"\1Workers: 2", data)
-            target.writestr(item, data)
+    wide = copy_archive(store / "digits.mar", tmp_path / "store", "model-config.yaml",
+                        lambda data: re.sub(rb"(?m)^(min|max)Workers: \d+$", rb"\1Workers: 2", data))
     archive = read_archive(wide / "digits.mar")
     assert archive.workers == 2
     torchserve = TorchServe(TorchServeConfig(model_store=wide, workdir=tmp_path / "ts", enable_model_api=True))

@@ -245,7 +245,8 @@ def archive_workers(path: Path) -> int:
         config_file = json.loads(z.read("MAR-INF/MANIFEST.json"))["model"].get("configFile")
         if not config_file or config_file not in z.namelist():
             return 1
-        workers = (yaml.safe_load(z.read(config_file)) or {}).get("minWorkers", 1)
+        config = yaml.safe_load(z.read(config_file))
+    workers = config.get("minWorkers", 1) if isinstance(config, dict) else 1
     return workers if isinstance(workers, int) and workers >= 1 else 1
 
 
