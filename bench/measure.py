@@ -36,7 +36,8 @@ class Scenario:
     rows: int  # rows per request
 
 
-SCENARIOS = (Scenario("c1", 1, 1), Scenario("c16", 16, 1), Scenario("c64", 64, 1), Scenario("rows256_c8", 8, 256))
+SCENARIOS = (Scenario("c1", 1, 1), Scenario("c16", 16, 1), Scenario("c64", 64, 1), Scenario("rows64_c8", 8, 64),
+             Scenario("rows256_c8", 8, 256))
 BY_NAME = {s.name: s for s in SCENARIOS}
 
 

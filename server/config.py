@@ -6,7 +6,7 @@
       listen:     {host: 127.0.0.1, grpc_port: 8001, http_port: 8000}
       auth:       {token: null}          # or the environment's GRADSERVE_TOKEN
       limits:     {max_rows: 1024, max_message_bytes: 67108864}
-      coalesce:   {max_rows: 64, max_delay_ms: 2.0}
+      coalesce:   {max_rows: 256, max_delay_ms: 2.0}
       torchserve: {workdir: logs/torchserve}
       shutdown:   {grace_s: 10.0}
 """
@@ -79,7 +79,9 @@ class Limits:
 class Coalesce:
     """Concurrent small requests for one model go to TorchServe as one multi-row call (max_rows 0: off)."""
 
-    max_rows: int = 64
+    # Rows of one call at most: single rows group into calls of up to 64 at c=64, and 64-row requests into calls
+    # big enough for the handler's many-thread forward (handlers/threads.py: 128 rows and up).
+    max_rows: int = 256
     max_delay_ms: float = 2.0
     max_calls: int = 2  # backend calls in flight per model before requests start to queue
 

@@ -164,7 +164,7 @@ def test_bench_quick_run_measures_every_path_of_every_model(tmp_path: Path) -> N
         assert results["batch"][model]["rows"] == 2048 and results["batch"][model]["failed"] == 0
         assert results["in_process"][model]["ceiling"]["rows_s"] > 0
         assert results["in_process"][model]["batch_raw"]["rows_s"] > 0
-    assert len(results["ratios"]) == 6 * len(MODELS) and all(r["value"] == r["value"] for r in results["ratios"])
+    assert len(results["ratios"]) == 7 * len(MODELS) and all(r["value"] == r["value"] for r in results["ratios"])
     assert results["peer_ratios"] == []  # no peers asked for
     table = report.with_suffix(".md").read_text()
     assert "| model | target | scenario | req/s |" in table and "| model | figure | value | target | met |" in table
