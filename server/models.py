@@ -16,7 +16,7 @@ from pathlib import Path
 import yaml
 
 from handlers.manifest import Manifest, ManifestError
-from server.torchserve.process import archive_model_name, archive_workers
+from server.torchserve.process import archive_entry
 
 
 @dataclass(frozen=True)
@@ -54,8 +54,7 @@ def read_archive(path: Path) -> Archive:
 def _archive(path: Path, digest: str) -> Archive:
     try:
         manifest = Manifest.from_archive(path)
-        registered = archive_model_name(path)
-        workers = archive_workers(path)
+        registered, workers = archive_entry(path)
     except (ManifestError, OSError, KeyError, ValueError, yaml.YAMLError) as e:
         return Archive(path, digest, None, f"{path.name} is not a gradserve archive ({e}); repackage it")
     if registered != manifest.name:

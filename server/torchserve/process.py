@@ -235,19 +235,18 @@ def check_java() -> None:
 
 def archive_model_name(path: Path) -> str:
     """The model name TorchServe registers for an archive (MAR-INF/MANIFEST.json)."""
-    with zipfile.ZipFile(path) as z:
-        return json.loads(z.read("MAR-INF/MANIFEST.json"))["model"]["modelName"]
+    return archive_entry(path)[0]
 
 
-def archive_workers(path: Path) -> int:
-    """The workers an archive asks for: minWorkers of its model-config.yaml (`package.min_workers`), else 1."""
+def archive_entry(path: Path) -> tuple[str, int]:
+    """What TorchServe reads of an archive to register it: the model name (MAR-INF/MANIFEST.json) and the workers
+    it asks for (minWorkers of its model-config.yaml, `package.min_workers`; 1 without one)."""
     with zipfile.ZipFile(path) as z:
-        config_file = json.loads(z.read("MAR-INF/MANIFEST.json"))["model"].get("configFile")
-        if not config_file or config_file not in z.namelist():
-            return 1
-        config = yaml.safe_load(z.read(config_file))
+        model = json.loads(z.read("MAR-INF/MANIFEST.json"))["model"]
+        config_file = model.get("configFile")
+        config = yaml.safe_load(z.read(config_file)) if config_file in z.namelist() else None
     workers = config.get("minWorkers", 1) if isinstance(config, dict) else 1
-    return workers if isinstance(workers, int) and workers >= 1 else 1
+    return model["modelName"], workers if isinstance(workers, int) and workers >= 1 else 1
 
 
 def _signal_group(pgid: int, sig: signal.Signals) -> None:

@@ -4,6 +4,7 @@ curve with every strategy's choice marked (one panel per scoring). suite.png: th
 from __future__ import annotations
 
 import math
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -48,9 +49,7 @@ def gap_panel(ax: plt.Axes, doc: dict[str, Any], title: str) -> None:
 def side_by_side(values: list[float | None], centre: float, width: float) -> list[float]:
     """x positions that put seeds with the same value next to each other (accuracy gaps come in whole examples,
     so many coincide): a row of n equal values reads as n points."""
-    counts: dict[float | None, int] = {}
-    for v in values:
-        counts[v] = counts.get(v, 0) + 1
+    counts = Counter(values)
     step = width / max(max(counts.values()), 1)
     seen: dict[float | None, int] = {}
     xs = []
