@@ -77,19 +77,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="tries per window at most (default 2; --quick 1)")
     parser.add_argument("--workers", dest="workers", type=int, default=None,
                         help="TorchServe workers per model, for the front door and TorchServe direct alike (the "
-                             "archives' min/max_workers; default 1): each gets cores // workers torch threads")
+                             "archives' min/max_workers; default: each model's own package config): each gets "
+                             "cores // workers torch threads")
     parser.add_argument("--profile", action="store_true", default=None, help="py-spy the front door under c=64")
     parser.add_argument("--out-dir", dest="out_dir", default=None, help="where <date>.json/.md/.png go")
 
 
-def _threads_of(model: BenchModel, shipped: Any) -> Any:
-    """The bench's package settings, with the torch threads the model's own config gives its workers."""
+def _package_of(model: BenchModel, shipped: Any, workers: int) -> Any:
+    """The bench's package settings, with the workers (unless `workers` sets them for all) and torch threads the
+    model's own config gives it."""
     from training.package import PackageConfig
 
     if model.config is None:
         return shipped
     own = gradserve_config.load(PackageConfig, model.config, "package")
-    return replace(shipped, torch_threads=own.torch_threads, parallel_rows=own.parallel_rows)
+    mine = replace(shipped, torch_threads=own.torch_threads, parallel_rows=own.parallel_rows)
+    return mine if workers else replace(mine, min_workers=own.min_workers, max_workers=own.max_workers)
 
 
 def names(text: str) -> tuple[str, ...]:
@@ -118,14 +121,14 @@ def main(args: argparse.Namespace) -> int:
     label = datetime.now().strftime("%Y-%m-%dT%H%M%S") + ("-quick" if args.quick else "")
     out_dir = Path(config.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    shipped = gradserve_config.load(PackageConfig, path, "package",
-                                    {"min_workers": config.workers, "max_workers": config.workers})
+    forced = {"min_workers": config.workers, "max_workers": config.workers} if config.workers else {}
+    shipped = gradserve_config.load(PackageConfig, path, "package", forced)
     serve_config = str(path.resolve()) if path else os.devnull
     started = time.monotonic()
     per_model: dict[str, dict[str, Any]] = {}
     with tempfile.TemporaryDirectory(prefix="gradserve-bench-") as tmp:
         for model in models:
-            per_model[model.name] = bench_model(config, model, _threads_of(model, shipped), Path(tmp) / model.name,
+            per_model[model.name] = bench_model(config, model, _package_of(model, shipped, config.workers), Path(tmp) / model.name,
                                                 serve_config, label, peers)
     results = {"date": label, "command": "gradserve bench " + " ".join(sys.argv[2:]),
                "machine": f"{platform.machine()}, {psutil.cpu_count()} cores, Python {platform.python_version()}",

@@ -58,7 +58,7 @@ class BenchConfig:
     batch_rows: int = 20480  # rows of the batch job, at most BATCH_BYTES of them
     max_other_cores: float = 0.3  # CPU used by processes not under test, in cores, before a window is repeated
     max_attempts: int = 2
-    workers: int = 1  # TorchServe workers per model: the archives' min/max_workers (each gets cores // workers threads)
+    workers: int = 0  # TorchServe workers per model (each gets cores // workers threads); 0: each model's own config
     profile: bool = False  # py-spy the front door under frontdoor_grpc c64
 
 

@@ -132,7 +132,7 @@ def header(results: dict[str, Any]) -> list[str]:
              f"Machine: {results['machine']}  ", f"Models: {', '.join(results['models'])}  ",
              f"Window {s['seconds']} s after {s['warmup_s']} s warm-up (and {s.get('jvm_warmup_s', '0')} s at c=64 "
              "per way before the first window); front door's TorchServe archive: "
-             f"{s['frontdoor_archive']}; TorchServe workers per model {s.get('workers', 1)}. "
+             f"{s['frontdoor_archive']}; TorchServe workers per model: each model's line below. "
              "CPU columns: ms of CPU per request of each process (loadgen = the client; server = front door + "
              "TorchServe java + its python worker, or the peer's processes); rows/backend call: rows per front-door "
              "call to TorchServe after coalescing; `other`: cores that processes not under test used during the "
@@ -169,7 +169,10 @@ def in_process_lines(results: dict[str, Any]) -> list[str]:
         handler = ip["table"] if isinstance(ip["table"], dict) else ", ".join(
             f"{r['rows']} rows: raw {r['raw_rows_per_s']:.0f}, handler {r['handler_rows_per_s']:.0f}"
             for r in ip["table"])
-        lines += [f"**{model}**. In-process (bench/handler_throughput.py, rows/s): {handler}  ",
+        served = ip.get("served")
+        served = (f"Served by {served['workers']} TorchServe worker(s), torch_threads {served['torch_threads']} "
+                  "(0: the worker's share of the cores).  ") if served else ""
+        lines += [f"**{model}**. {served}In-process (bench/handler_throughput.py, rows/s): {handler}  ",
                   f"Raw ceiling: {ip['ceiling']['rows_s']:.0f} rows/s ({ip['ceiling']['threads']} thread(s), "
                   f"{ip['ceiling']['rows_per_call']} rows per call).  ",
                   f"Batch job: {b['rows']} rows at {b['rows_s']:.0f} rows/s ({b['failed']} failed; 256 rows per "

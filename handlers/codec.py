@@ -5,10 +5,12 @@ One message carries named tensors as raw little-endian bytes, or one error:
     b"GSv1" | u32 header length (LE) | JSON header | tensor bytes, back to back
 
 The header lists each tensor's name, Open Inference Protocol datatype, shape, offset and byte count,
-or holds {"error": {"code": ..., "message": ...}}. Decoding a numeric tensor makes no copy: the array is a view on
-the message. A BYTES tensor (in Python an object array of `bytes`, e.g. one encoded image file per row) travels
-in the protocol's own serialisation, which `serialize_bytes` and `deserialize_bytes` write and read for the
-front door too: per element a 4-byte little-endian length, then that many bytes.
+or holds {"error": {"code": ..., "message": ...}}, or {"ref": {"path": ..., "nbytes": ...}}: the message itself is
+in that file (a large request the front door passed by shared memory, handlers/sharedmem.py). Decoding a numeric
+tensor makes no copy: the array is a view on the message. A BYTES tensor (in Python an object array of `bytes`,
+e.g. one encoded image file per row) travels in the protocol's own serialisation, which `serialize_bytes` and
+`deserialize_bytes` write and read for the front door too: per element a 4-byte little-endian length, then that
+many bytes.
 This file imports only numpy and the standard library, because it ships inside the model archive.
 """
 
@@ -63,9 +65,16 @@ class WireError:
 
 
 @dataclass(frozen=True)
+class Ref:
+    path: str
+    nbytes: int
+
+
+@dataclass(frozen=True)
 class Message:
     tensors: dict[str, np.ndarray] = field(default_factory=dict)
     error: WireError | None = None
+    ref: Ref | None = None
 
 
 def datatype_of(dtype: np.dtype) -> str:
@@ -130,6 +139,11 @@ def deserialize_bytes(data: bytes | bytearray | memoryview, count: int) -> np.nd
 
 
 def encode(tensors: Mapping[str, np.ndarray]) -> bytes:
+    return b"".join(encode_parts(tensors))
+
+
+def encode_parts(tensors: Mapping[str, np.ndarray]) -> list[bytes | np.ndarray]:
+    """The message as buffers to write back to back (the tensors' bytes not copied)."""
     entries, chunks, offset = [], [], 0
     for name, array in tensors.items():
         array = np.asarray(array)
@@ -147,12 +161,16 @@ def encode(tensors: Mapping[str, np.ndarray]) -> bytes:
 
 
 def encode_error(code: str, message: str) -> bytes:
-    return _frame({"error": {"code": code, "message": message}}, [])
+    return b"".join(_frame({"error": {"code": code, "message": message}}, []))
 
 
-def _frame(header: dict, chunks: list) -> bytes:
+def encode_ref(path: str, nbytes: int) -> bytes:
+    return b"".join(_frame({"ref": {"path": path, "nbytes": nbytes}}, []))
+
+
+def _frame(header: dict, chunks: list) -> list:
     head = json.dumps(header, separators=(",", ":")).encode()
-    return b"".join([MAGIC, _LEN.pack(len(head)), head, *chunks])
+    return [MAGIC + _LEN.pack(len(head)) + head, *chunks]
 
 
 def decode(data: bytes | bytearray | memoryview) -> Message:
@@ -174,6 +192,11 @@ def decode(data: bytes | bytearray | memoryview) -> Message:
         if not isinstance(err, dict):
             raise CodecError("payload error must be a JSON object with code and message")
         return Message(error=WireError(str(err.get("code", INTERNAL)), str(err.get("message", ""))))
+    if "ref" in header:
+        ref = header["ref"]
+        if not (isinstance(ref, dict) and isinstance(ref.get("path"), str) and isinstance(ref.get("nbytes"), int)):
+            raise CodecError("payload ref must be a JSON object with a path (string) and nbytes (integer)")
+        return Message(ref=Ref(ref["path"], ref["nbytes"]))
     entries = header.get("tensors", [])
     if not isinstance(entries, list) or not all(isinstance(e, dict) and isinstance(e.get("name"), str)
                                                 for e in entries):

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from ts.torch_handler.base_handler import BaseHandler
 
-from handlers import codec
+from handlers import codec, sharedmem
 from handlers.factory import BUILTIN, ModelSpec, forget_foreign
 from handlers.manifest import InvalidRows, Manifest, validate_rows
 from handlers.preprocess import ImageError, Preprocess
@@ -122,9 +122,12 @@ class GradserveHandler(BaseHandler):
             return _invalid("the request must carry a handlers.codec message as raw bytes "
                             f"in 'data' or 'body', got {type(payload).__name__}")
         try:
-            name, x = validate_rows(self.manifest, codec.decode(payload).tensors)
+            message = codec.decode(payload)
+            if message.ref is not None:  # a large request the front door left in shared memory
+                message = codec.decode(sharedmem.load(message.ref.path, message.ref.nbytes))
+            name, x = validate_rows(self.manifest, message.tensors)
             return self._images(x) if name == "image" else x
-        except (codec.CodecError, InvalidRows, ImageError) as e:
+        except (codec.CodecError, sharedmem.PayloadRefError, InvalidRows, ImageError) as e:
             return _invalid(str(e))
 
     def _images(self, files: np.ndarray) -> np.ndarray:

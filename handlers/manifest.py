@@ -81,6 +81,7 @@ class Manifest:
     preprocess: dict[str, Any] = field(default_factory=dict)  # handlers/preprocess.py's Preprocess, as a dict
     code: dict[str, str] = field(default_factory=dict)  # the model's code files in the archive -> sha256
     forward_rows: int = 0  # the handler forwards larger batches in chunks of this many rows (0: all at once)
+    payload_refs: bool = False  # the handler reads large requests from shared memory (handlers/sharedmem.py)
     format_version: int = FORMAT_VERSION
 
     # --- reading and writing ---------------------------------------------------------------------------------
@@ -96,6 +97,7 @@ class Manifest:
             "weights": {"file": self.weights_file, "sha256": self.weights_sha256},
             "model_config": self.model_config, "training_config": self.training_config, "source": self.source,
             "task": self.task, "preprocess": self.preprocess, "code": self.code, "forward_rows": self.forward_rows,
+            "payload_refs": self.payload_refs,
         }
         if self.tasks:
             d["tasks"] = list(self.tasks)
@@ -122,7 +124,7 @@ class Manifest:
                 tasks=tuple(d.get("tasks") or ()), task=str(d.get("task", "classification")),
                 preprocess=dict(d.get("preprocess") or {}),
                 code={str(k): str(v) for k, v in (d.get("code") or {}).items()},
-                forward_rows=int(d.get("forward_rows", 0)),
+                forward_rows=int(d.get("forward_rows", 0)), payload_refs=bool(d.get("payload_refs", False)),
             )
         except (KeyError, TypeError, ValueError) as e:
             if isinstance(e, ManifestError):

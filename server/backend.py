@@ -21,7 +21,8 @@ import numpy as np
 
 from handlers import codec
 from handlers.manifest import InvalidRows, Manifest, validate_rows
-from server import errors, oip
+from handlers.sharedmem import PayloadArea
+from server import errors, metrics, oip
 from server.coalescer import Coalescer, Outputs
 from server.config import ServeConfig
 from server.errors import DeadlineExceeded, InvalidInput, Overloaded, Unavailable
@@ -41,10 +42,12 @@ class ModelServer(Protocol):
 
 class Backend:
     def __init__(self, config: ServeConfig, models: ModelManager, server: ModelServer,
-                 observe_group: Callable[[str, int], None] | None = None) -> None:
+                 observe_group: Callable[[str, int], None] | None = None,
+                 payloads: PayloadArea | None = None) -> None:
         self._config = config
         self._models = models
         self._server = server
+        self._payloads = payloads  # large requests go to the handler through shared memory (None: all inline)
         self._observe = observe_group or (lambda model, rows: None)
         self._in_flight = 0
         self._draining = False
@@ -139,6 +142,11 @@ class Backend:
         self._draining = True
         self._readiness_changed()
 
+    def close(self) -> None:
+        """Stopped: remove the shared-memory payload directory."""
+        if self._payloads is not None:
+            self._payloads.close()
+
     # --- inference -----------------------------------------------------------------------------------------
 
     async def infer(self, name: str, version: str, inputs: Mapping[str, np.ndarray],
@@ -174,12 +182,23 @@ class Backend:
         if key not in self._coalescers:
             c = self._config.coalesce
             self._coalescers[key] = Coalescer(
-                functools.partial(self._predict, loaded.internal, input_name), c.max_rows, c.max_delay_ms / 1000,
+                functools.partial(self._predict, loaded, input_name), c.max_rows, c.max_delay_ms / 1000,
                 c.max_calls, functools.partial(self._observe, loaded.archive.name))
         return self._coalescers[key]
 
-    async def _predict(self, internal: str, input_name: str, rows: np.ndarray, deadline: float) -> Outputs:
-        answer = await self._server.predict(internal, codec.encode({input_name: rows}), deadline)
+    async def _predict(self, loaded: Version, input_name: str, rows: np.ndarray, deadline: float) -> Outputs:
+        parts = codec.encode_parts({input_name: rows})
+        placed = None
+        if (self._payloads is not None and loaded.manifest.payload_refs
+                and sum(memoryview(p).nbytes for p in parts) >= self._payloads.min_bytes):
+            placed = self._payloads.write(parts)  # None when it could not be: then inline
+        metrics.BACKEND_CALLS.labels("shared_memory" if placed else "inline").inc()
+        try:
+            payload = codec.encode_ref(*placed) if placed else b"".join(parts)
+            answer = await self._server.predict(loaded.internal, payload, deadline)
+        finally:
+            if placed:
+                PayloadArea.remove(placed[0])
         try:
             message = codec.decode(answer)
         except codec.CodecError as e:

@@ -102,6 +102,10 @@ class TorchServeSection:
     token_renew_margin_s: float = 30.0  # renew TorchServe's keys this long before they expire
     token_expiration_min: float = 60.0  # lifetime TorchServe gives its keys
     key_wait_s: float = 2.0  # how long to wait for TorchServe to rewrite its key file after a renewal
+    # Requests of shared_memory_min_bytes or more reach the handler as a file in shared_memory_dir, not through
+    # TorchServe's JVM (handlers/sharedmem.py); 0 or "" sends every request inline.
+    shared_memory_dir: str = "/dev/shm"
+    shared_memory_min_bytes: int = 64 * 1024
 
 
 @dataclass(frozen=True)

@@ -19,6 +19,7 @@ import uvicorn
 
 from gradserve import config as gradserve_config
 from gradserve.errors import UsageError
+from handlers.sharedmem import PayloadArea
 from server import metrics
 from server.auth import Tokens, check_exposure
 from server.backend import Backend
@@ -100,7 +101,9 @@ async def serve(config: ServeConfig, on_ready: Callable[[], None] | None = None)
         raise UsageError(f"the model store {store} is not a folder: build an archive there with `gradserve package`")
     client = TorchServeClient(config.torchserve, config.limits.max_message_bytes + config.limits.envelope_bytes)
     models = ModelManager(store, client, config.default_versions, load_timeout_s=config.torchserve.ready_timeout_s)
-    backend = Backend(config, models, client, metrics.observe_batch)
+    ts = config.torchserve
+    backend = Backend(config, models, client, metrics.observe_batch,
+                      PayloadArea.open(ts.shared_memory_dir, ts.shared_memory_min_bytes))
     backend.add_ready_listener(lambda ready: metrics.READY.set(int(ready)))
     metrics.label_models(models.knows)
     metrics.IN_FLIGHT.set_function(lambda: backend.in_flight)
@@ -142,6 +145,7 @@ async def serve(config: ServeConfig, on_ready: Callable[[], None] | None = None)
     await asyncio.gather(grpc_server.stop(remaining), *([http_task] if http_task else []))
     await supervisor.stop()
     await models.close()
+    backend.close()
     log.info("stopped")
     return 1 if failed else 0
 

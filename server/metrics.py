@@ -1,7 +1,7 @@
 """Prometheus metrics of the front door, served at /metrics by the REST app.
 
 Requests by protocol, method, model and status; latency histograms; rows per request; rows per backend call
-(the coalesced batch sizes).
+(the coalesced batch sizes); backend calls by payload path (shared memory or inline).
 """
 
 from __future__ import annotations
@@ -25,6 +25,9 @@ ROWS = Histogram("gradserve_request_rows", "Rows per inference request", ["model
                  registry=REGISTRY)
 BATCH_ROWS = Histogram("gradserve_backend_batch_rows", "Rows per call to TorchServe (after coalescing)", ["model"],
                        buckets=ROW_BUCKETS, registry=REGISTRY)
+BACKEND_CALLS = Counter("gradserve_backend_calls_total", "Calls to TorchServe, by how the request's bytes went: "
+                        "shared_memory (a file the handler maps) or inline (through TorchServe)", ["payload"],
+                        registry=REGISTRY)
 IN_FLIGHT = Gauge("gradserve_in_flight_requests", "Inference requests being answered", registry=REGISTRY)
 READY = Gauge("gradserve_backend_ready", "1 when TorchServe serves every model", registry=REGISTRY)
 RESTARTS = Counter("gradserve_torchserve_restarts_total", "TorchServe restarts by the supervisor", registry=REGISTRY)

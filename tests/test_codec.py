@@ -110,6 +110,13 @@ def test_malformed_messages_are_refused(message: bytes, words: str) -> None:
         codec.decode(message)
 
 
+def test_parts_join_to_the_message_and_refs_round_trip() -> None:
+    tensors = {"input": np.arange(12, dtype=np.float32).reshape(3, 4), "image": np.array([b"a", b"bc"], dtype=object)}
+    assert b"".join(codec.encode_parts(tensors)) == codec.encode(tensors)
+    assert codec.decode(codec.encode_ref("/dev/shm/gradserve-payloads-1-x/0", 96)).ref == codec.Ref(
+        "/dev/shm/gradserve-payloads-1-x/0", 96)
+
+
 def test_errors_round_trip() -> None:
     error = codec.decode(codec.encode_error(codec.INVALID_ARGUMENT, "bad row")).error
     assert error == codec.WireError(codec.INVALID_ARGUMENT, "bad row")
@@ -119,7 +126,7 @@ def test_errors_round_trip() -> None:
     {"tensors": "input"}, {"tensors": [["input"]]}, {"tensors": [{"datatype": "FP32"}]},
     {"tensors": [{"name": "x", "datatype": "FP32", "shape": [1], "offset": "0", "nbytes": 4}]},
     {"tensors": [{"name": "x", "datatype": "FP99", "shape": [1], "offset": 0, "nbytes": 4}]},
-    {"error": "boom"},
+    {"error": "boom"}, {"ref": "/dev/shm/x"}, {"ref": {"path": "/dev/shm/x", "nbytes": "9"}}, {"ref": {"nbytes": 9}},
 ])
 def test_a_malformed_header_is_a_codec_error(header: dict) -> None:
     head = json.dumps(header).encode()

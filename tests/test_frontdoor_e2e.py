@@ -176,6 +176,23 @@ def test_rest_inference_equals_the_training_model(door: FrontDoor, reference: to
     assert "/v2/models/{model}/infer" in spec["paths"]
 
 
+def test_a_large_request_reaches_the_handler_through_shared_memory(stub: pb_grpc.GRPCInferenceServiceStub,
+                                                                   door: FrontDoor, reference: torch.nn.Module) -> None:
+    def shared() -> float:
+        text = httpx.get(f"{door.http_url}/metrics", headers=door.headers).text
+        line = next((x for x in text.splitlines() if x.startswith('gradserve_backend_calls_total{payload="shared')),
+                    "0 0")
+        return float(line.split()[-1])
+
+    x = images(300)  # 300 rows of 256 bytes: past the 64 KiB from which a request goes by shared memory
+    before = shared()
+    out = decode(stub.ModelInfer(request("digits", x), timeout=30, metadata=AUTH))
+    assert np.abs(out["logits"] - expected(reference, x)).max() <= 1e-5
+    assert shared() == before + 1
+    (area,) = Path("/dev/shm").glob(f"gradserve-payloads-{door.process.pid}-*")  # the front door's own directory
+    assert list(area.iterdir()) == []  # each file removed when its call returned
+
+
 def test_metrics_count_requests_rows_and_batches(door: FrontDoor) -> None:
     text = httpx.get(f"{door.http_url}/metrics", headers=door.headers).text
     assert 'gradserve_requests_total{method="ModelInfer",model="digits",protocol="grpc",status="OK"}' in text
@@ -377,6 +394,7 @@ def test_sigterm_during_load_loses_no_accepted_request(tmp_path_factory: pytest.
         signalled = time.monotonic()
         door.process.send_signal(signal.SIGTERM)
         assert door.process.wait(60) == 0
+        assert not list(Path("/dev/shm").glob(f"gradserve-payloads-{door.process.pid}-*"))  # removed on the way out
         stop.set()
         for t in threads:
             t.join(60)

@@ -24,8 +24,9 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from client.grpc_client import Client, decode, request
 from gradserve.config import build
-from handlers import codec
+from handlers import codec, sharedmem
 from handlers.manifest import Manifest
+from handlers.sharedmem import PayloadArea
 from server import errors
 from server import metrics as server_metrics
 from server.auth import Tokens
@@ -88,6 +89,7 @@ class FakeTorchServe:
 
     def __init__(self, delay: float = 0.0, fail: Exception | None = None) -> None:
         self.delay, self.fail, self.calls = delay, fail, []
+        self.payloads: list[str] = []  # per call: inline or shared_memory
         self._ready = True
         self._listeners: list = []
 
@@ -103,7 +105,11 @@ class FakeTorchServe:
         self._listeners.append(listener)
 
     async def predict(self, model: str, payload: bytes, deadline: float) -> bytes:
-        tensors = codec.decode(payload).tensors
+        message = codec.decode(payload)
+        self.payloads.append("inline" if message.ref is None else "shared_memory")
+        if message.ref is not None:  # what the handler does with a payload in shared memory
+            message = codec.decode(sharedmem.load(message.ref.path, message.ref.nbytes))
+        tensors = message.tensors
         ((_, rows),) = tensors.items()
         self.calls.append(len(rows))
         await asyncio.sleep(self.delay)
@@ -224,6 +230,33 @@ def test_torchserve_dying_under_calls_answers_them_unavailable(tmp_path: Path) -
 
 
 # --- the coalescer --------------------------------------------------------------------------------------------
+
+def test_large_calls_go_through_shared_memory_to_handlers_that_read_it_and_leave_no_file(tmp_path: Path) -> None:
+    area = PayloadArea.open(str(tmp_path), 1024)  # 16 digits rows are 4 KiB: by file; one row (256 bytes) inline
+    assert area is not None
+    torchserve = FakeTorchServe()
+    reads = Archive(Path("digits-1.0.mar"), "ab" * 32, Manifest.from_dict({**MANIFEST, "payload_refs": True}))
+    older = Archive(Path("older-1.0.mar"), "cd" * 32, Manifest.from_dict({**MANIFEST, "name": "older"}))
+    backend = Backend(ServeConfig(coalesce=Coalesce(max_rows=0)), ModelManager.loaded([reads, older], torchserve),
+                      torchserve, payloads=area)
+    x = np.random.default_rng(0).standard_normal((16, 1, 8, 8)).astype(np.float32)
+
+    def calls(via: str) -> float:
+        return server_metrics.REGISTRY.get_sample_value("gradserve_backend_calls_total", {"payload": via}) or 0.0
+
+    async def main() -> None:
+        before = calls("shared_memory"), calls("inline")
+        for name, rows in (("digits", x), ("digits", x[:1]), ("older", x)):
+            _, out = await backend.infer(name, "", {"input": rows})
+            np.testing.assert_array_equal(out["logits"], fake_logits(rows))
+            assert list(area.directory.iterdir()) == []  # removed when the call returned
+        assert torchserve.payloads == ["shared_memory", "inline", "inline"]  # an older handler: inline
+        assert (calls("shared_memory") - before[0], calls("inline") - before[1]) == (1, 2)
+
+    asyncio.run(main())
+    backend.close()
+    assert not area.directory.exists()
+
 
 def test_coalescer_groups_concurrent_rows_and_gives_each_caller_its_own() -> None:
     calls: list[int] = []

@@ -14,6 +14,7 @@ from run_fixtures import digits, make_run, selected_model
 
 from handlers import codec, local
 from handlers.handler import GradserveHandler
+from handlers.sharedmem import PayloadArea
 from training.package import PackageConfig, package
 
 
@@ -89,6 +90,7 @@ def test_mixed_row_counts_in_one_batch(handler: GradserveHandler, reference: tor
     ({"data": codec.encode({"input": np.full((2, 1, 8, 8), np.nan, np.float32)})}, "NaN or infinite"),
     ({"data": codec.encode({"pixels": np.zeros((2, 1, 8, 8), np.float32)})}, "got tensors ['pixels']"),
     ({"data": codec.encode_error(codec.INTERNAL, "x")}, "got tensors []"),
+    ({"data": codec.encode_ref("/etc/passwd", 10)}, "not a file of a gradserve front door's payload directory"),
 ])
 def test_one_malformed_request_fails_alone(handler: GradserveHandler, reference: torch.nn.Module,
                                            bad: dict, says: str) -> None:
@@ -100,6 +102,24 @@ def test_one_malformed_request_fails_alone(handler: GradserveHandler, reference:
     assert says in error.message
     for response, x in ((responses[0], good[:3]), (responses[2], good[3:])):
         np.testing.assert_allclose(codec.decode(response).tensors["logits"], expected(reference, x), atol=1e-5)
+
+
+def test_a_request_in_shared_memory_is_answered_as_if_inline(handler: GradserveHandler, reference: torch.nn.Module,
+                                                             tmp_path: Path) -> None:
+    area = PayloadArea.open(str(tmp_path), 1)
+    assert area is not None
+    x = digits()[0][:200]
+    placed = area.write(codec.encode_parts({"input": x}))
+    assert placed is not None
+    gone = area.write(codec.encode_parts({"input": x[:2]}))
+    assert gone is not None
+    PayloadArea.remove(gone[0])  # the front door's call ended (cancelled) before the handler read it
+    responses = handler.handle([{"data": codec.encode_ref(*placed)}, {"data": codec.encode_ref(*gone)},
+                                request(x[:3])], context(Path()))
+    np.testing.assert_allclose(codec.decode(responses[0]).tensors["logits"], expected(reference, x), atol=1e-5)
+    error = codec.decode(responses[1]).error
+    assert error is not None and error.code == codec.INVALID_ARGUMENT and "cannot be opened" in error.message
+    np.testing.assert_allclose(codec.decode(responses[2]).tensors["logits"], expected(reference, x[:3]), atol=1e-5)
 
 
 def test_a_batch_of_only_bad_requests(handler: GradserveHandler) -> None:

@@ -134,7 +134,8 @@ def _forward_rows(config: PackageConfig, spec: ModelSpec, checkpoint: dict[str, 
     return fastest_rows(model, spec.in_shape, threads, config.max_rows)
 
 
-HANDLER_MODULES = ("__init__.py", "codec.py", "manifest.py", "factory.py", "preprocess.py", "threads.py")
+HANDLER_MODULES = ("__init__.py", "codec.py", "manifest.py", "factory.py", "preprocess.py", "threads.py",
+                   "sharedmem.py")
 
 
 def _stage_handlers(extra: Path) -> None:
@@ -188,6 +189,7 @@ def _manifest(name: str, config: PackageConfig, chosen: dict[str, Any], checkpoi
         model_config=spec.to_dict(), training_config=checkpoint.get("config", {}),
         source={"checkpoint": chosen["checkpoints"][selection["index"]], "step": checkpoint.get("step")},
         tasks=tuple(data.get("tasks", ())),  # multi-task: what each output predicts
+        payload_refs=True,  # this handler maps large requests from shared memory
     )
 
 
