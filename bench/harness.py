@@ -128,8 +128,8 @@ def main(args: argparse.Namespace) -> int:
     per_model: dict[str, dict[str, Any]] = {}
     with tempfile.TemporaryDirectory(prefix="gradserve-bench-") as tmp:
         for model in models:
-            per_model[model.name] = bench_model(config, model, _package_of(model, shipped, config.workers), Path(tmp) / model.name,
-                                                serve_config, label, peers)
+            mine = _package_of(model, shipped, config.workers)
+            per_model[model.name] = bench_model(config, model, mine, Path(tmp) / model.name, serve_config, label, peers)
     results = {"date": label, "command": "gradserve bench " + " ".join(sys.argv[2:]),
                "machine": f"{platform.machine()}, {psutil.cpu_count()} cores, Python {platform.python_version()}",
                "settings": {**{k: str(v) for k, v in asdict(config).items()},
