@@ -50,7 +50,8 @@ def test_cli_builds_the_archive_with_the_contract_layout(run: Path, tmp_path: Pa
         names = set(z.namelist())
     assert names == {"MAR-INF/MANIFEST.json", "handler.py", "weights.pt", "model-config.yaml", "gradserve.json",
                      "handlers/__init__.py", "handlers/codec.py", "handlers/manifest.py", "handlers/factory.py",
-                     "handlers/preprocess.py", "handlers/threads.py", "training/__init__.py", "training/model.py"}
+                     "handlers/preprocess.py", "handlers/threads.py", "handlers/sharedmem.py", "training/__init__.py",
+                     "training/model.py"}
     assert read(archive, "training/__init__.py") == b""
     assert read(archive, "handlers/codec.py") == (ROOT / "handlers/codec.py").read_bytes()
     assert read(archive, "training/model.py") == (ROOT / "training/model.py").read_bytes()
