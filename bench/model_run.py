@@ -81,7 +81,8 @@ def bench_model(config: BenchConfig, model: BenchModel, shipped: Any, work: Path
     print(f"{model.name}: in-process raw forward and handler, rows of {list(manifest.input.row_shape)}", flush=True)
     results: dict[str, Any] = {"in_process": in_process(stores["batched"] / f"{model.name}.mar", config.in_process_s,
                                                         batch_rows)}
-    results["in_process"]["served"] = {"workers": shipped.max_workers, "torch_threads": shipped.torch_threads}
+    results["in_process"]["served"] = {"workers": shipped.max_workers or len(os.sched_getaffinity(0)),
+                                       "torch_threads": shipped.torch_threads}
     rows = sample_rows(manifest, 256)
     with contextlib.ExitStack() as stack:
         door, ways = start_gradserve(stack, config, model.name, stores, work, serve_config)

@@ -120,12 +120,14 @@ class PeerServer:
 
 def start_peer(peer: Peer, archive: Path, workdir: Path) -> PeerServer:
     """The peer's server for `archive` (unpacked into workdir/model) on free ports, its log in workdir/peer.log;
-    its model runs on the threads the archive's handler would use (handlers/threads.py)."""
+    its model runs on the threads a lone worker of the archive's handler would use (handlers/threads.py)."""
     model_dir = workdir / "model"
     with zipfile.ZipFile(archive) as mar:
         mar.extractall(model_dir)
     name = Manifest.read(model_dir).name
-    threads = Threads.from_config(yaml.safe_load((model_dir / "model-config.yaml").read_text()) or {})
+    # A peer runs one instance of the model: it gets the threads of a lone worker (the whole machine's share).
+    shipped = yaml.safe_load((model_dir / "model-config.yaml").read_text()) or {}
+    threads = Threads.from_config({**shipped, "maxWorkers": 1})
     http_port, grpc_port, metrics_port = free_ports("127.0.0.1", 3)
     log_path = workdir / "peer.log"
     env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1"}

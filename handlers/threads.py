@@ -29,9 +29,10 @@ class Threads:
     @classmethod
     def from_config(cls, yaml_config: dict[str, Any]) -> Threads:
         """From model-config.yaml: workers of one model share the cores (workers x threads must not oversubscribe
-        them); handler.torch_threads (0 or absent: that share) is capped by the share, handler.parallel_rows is
-        the threshold."""
-        share = max(1, len(os.sched_getaffinity(0)) // max(1, int(yaml_config.get("maxWorkers", 1))))
+        them; no maxWorkers: one worker per core); handler.torch_threads (0 or absent: that share) is capped by the
+        share, handler.parallel_rows is the threshold."""
+        cores = len(os.sched_getaffinity(0))
+        share = max(1, cores // max(1, int(yaml_config.get("maxWorkers") or cores)))
         handler = yaml_config.get("handler") or {}
         wanted = handler.get("torch_threads") or share
         parallel_rows = handler.get("parallel_rows")

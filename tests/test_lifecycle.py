@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import zipfile
 from pathlib import Path
 
@@ -240,11 +241,11 @@ def test_not_serving_until_every_version_loaded_at_start(store: Path) -> None:
 
 def test_each_archive_loads_with_the_workers_its_config_asks_for(store: Path) -> None:
     mar(store, "wide", "1", workers=3)
-    mar(store, "plain", "1")  # no model-config.yaml: one worker
+    mar(store, "plain", "1")  # no model-config.yaml (or one without minWorkers): one worker per core, as TorchServe
 
     async def scenario() -> dict[str, int]:
         models, fake = manager(store)
         await started(models)
         return {name: fake.workers[models.resolve(name).internal] for name in ("wide", "plain")}
 
-    assert asyncio.run(scenario()) == {"wide": 3, "plain": 1}
+    assert asyncio.run(scenario()) == {"wide": 3, "plain": len(os.sched_getaffinity(0))}

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import os
 import shutil
 import zipfile
 from pathlib import Path
@@ -15,6 +16,7 @@ import yaml
 from run_fixtures import make_run
 
 from gradserve.cli import main as gradserve
+from handlers.threads import Threads
 from training.package import PackageConfig, PackageRefused, package
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -204,3 +206,14 @@ def test_an_archive_that_does_not_load_in_a_clean_interpreter_is_refused(tmp_pat
     with pytest.raises(UsageError, match="clean interpreter.*No module named 'sidecar'"):
         package(run, PackageConfig(model_store=str(tmp_path / "store")), allow_fallback=True)
     assert not list((tmp_path / "store").glob("*.mar")) if (tmp_path / "store").exists() else True
+
+
+def test_workers_are_a_count_or_one_per_core(run: Path, tmp_path: Path) -> None:
+    for refused in ((0, 2), (2, 1), (-1, 1)):
+        with pytest.raises(ValueError, match="or both 0 .one worker per core"):
+            PackageConfig(min_workers=refused[0], max_workers=refused[1])
+    archive = package(run, PackageConfig(model_store=str(tmp_path), min_workers=0, max_workers=0, torch_threads=0))
+    shipped = yaml.safe_load(read(archive, "model-config.yaml"))
+    assert "minWorkers" not in shipped and "maxWorkers" not in shipped  # TorchServe's default: one per core
+    assert Threads.from_config(shipped).most == 1  # a core each: big calls on one thread, not on all cores each
+    assert Threads.from_config({**shipped, "maxWorkers": 1}).most == len(os.sched_getaffinity(0))

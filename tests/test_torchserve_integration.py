@@ -6,6 +6,7 @@ import asyncio
 import io
 import ipaddress
 import json
+import os
 import re
 import time
 import urllib.error
@@ -235,13 +236,17 @@ def test_a_model_that_cannot_load_fails_the_start_fast_with_the_workers_words(st
     assert "refusing weights that were altered" in str(failed.value)
 
 
-def test_the_front_door_runs_the_workers_the_archive_asks_for(store: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("asked", [2, "per core"])
+def test_the_front_door_runs_the_workers_the_archive_asks_for(store: Path, tmp_path: Path, asked: int | str) -> None:
     """`package.min_workers` is how a machine with more cores gets more TorchServe workers: the model manager
-    loads each archive with its model-config.yaml's minWorkers (here 2), not a fixed one."""
+    loads each archive with its model-config.yaml's minWorkers (here 2), not a fixed one; an archive packaged with
+    0 (no minWorkers) runs one worker per core of the machine that serves it."""
+    workers = asked if isinstance(asked, int) else len(os.sched_getaffinity(0))
+    edit = (rb"\1Workers: 2\n" if asked == 2 else b"")
     wide = copy_archive(store / "digits.mar", tmp_path / "store", "model-config.yaml",
-                        lambda data: re.sub(rb"(?m)^(min|max)Workers: \d+$", rb"\1Workers: 2", data))
+                        lambda data: re.sub(rb"(?m)^(min|max)Workers: \d+\n", edit, data))
     archive = read_archive(wide / "digits.mar")
-    assert archive.workers == 2
+    assert archive.workers == workers
     torchserve = TorchServe(TorchServeConfig(model_store=wide, workdir=tmp_path / "ts", enable_model_api=True))
 
     async def scenario() -> list[dict]:
@@ -265,4 +270,4 @@ def test_the_front_door_runs_the_workers_the_archive_asks_for(store: Path, tmp_p
         (model,) = asyncio.run(scenario())
     finally:
         torchserve.stop()
-    assert len(model["workers"]) == 2 and model["minWorkers"] == 2, model
+    assert len(model["workers"]) == workers and model["minWorkers"] == workers, model

@@ -47,8 +47,10 @@ class PackageConfig:
     # clients that call TorchServe directly, set e.g. 32 and 5 ms.
     batch_size: int = 1
     max_batch_delay_ms: int = 0     # TorchServe maxBatchDelay (with batch_size > 1; its 0 then means a long wait)
-    min_workers: int = 1            # TorchServe workers `gradserve serve` runs the model on
-    max_workers: int = 1            # each worker gets at most cores // max_workers torch threads
+    # TorchServe workers `gradserve serve` runs the model on; each gets at most cores // max_workers torch threads.
+    # 0 and 0: one worker per core of the machine that serves it (TorchServe's own default on CPUs).
+    min_workers: int = 1
+    max_workers: int = 1
     response_timeout_s: int = 30
     max_rows: int = 1024            # rows one request may carry
     # Torch threads of a worker for calls of parallel_rows rows or more (0: its share, cores // max_workers; capped
@@ -63,9 +65,9 @@ class PackageConfig:
         if self.batch_size > 1 and self.max_batch_delay_ms < 1:
             raise ValueError(f"batch_size {self.batch_size} needs max_batch_delay_ms >= 1: TorchServe reads 0 as "
                              "a long wait for a full batch")
-        if not 1 <= self.min_workers <= self.max_workers:
+        if (self.min_workers, self.max_workers) != (0, 0) and not 1 <= self.min_workers <= self.max_workers:
             raise ValueError(f"min_workers {self.min_workers} and max_workers {self.max_workers}: need "
-                             "1 <= min_workers <= max_workers")
+                             "1 <= min_workers <= max_workers, or both 0 (one worker per core)")
         object.__setattr__(self, "version", str(self.version))
 
 
@@ -101,10 +103,12 @@ def package(run: Path, config: PackageConfig, allow_fallback: bool = False, forc
         code = stage_model_code(spec, checkpoint["config"].get("code_dir"), extra)
         weights = stage / "weights.pt"
         torch.save(checkpoint["state_dict"], weights)
-        torchserve_config = {
-            "minWorkers": config.min_workers, "maxWorkers": config.max_workers, "batchSize": config.batch_size,
-            "maxBatchDelay": config.max_batch_delay_ms, "responseTimeout": config.response_timeout_s,
+        torchserve_config: dict[str, Any] = {
+            "batchSize": config.batch_size, "maxBatchDelay": config.max_batch_delay_ms,
+            "responseTimeout": config.response_timeout_s,
             "handler": {"torch_threads": config.torch_threads, "parallel_rows": config.parallel_rows}}
+        if config.max_workers:  # without them: one worker per core where it is served
+            torchserve_config.update(minWorkers=config.min_workers, maxWorkers=config.max_workers)
         rows = _forward_rows(config, spec, checkpoint, Threads.from_config(torchserve_config).most)
         manifest = replace(_manifest(name, config, chosen, checkpoint, sha256(weights), allow_fallback, code),
                            forward_rows=rows)

@@ -240,13 +240,15 @@ def archive_model_name(path: Path) -> str:
 
 def archive_entry(path: Path) -> tuple[str, int]:
     """What TorchServe reads of an archive to register it: the model name (MAR-INF/MANIFEST.json) and the workers
-    it asks for (minWorkers of its model-config.yaml, `package.min_workers`; 1 without one)."""
+    it asks for (minWorkers of its model-config.yaml, `package.min_workers`; without one, one per core of this
+    machine, as TorchServe does)."""
     with zipfile.ZipFile(path) as z:
         model = json.loads(z.read("MAR-INF/MANIFEST.json"))["model"]
         config_file = model.get("configFile")
         config = yaml.safe_load(z.read(config_file)) if config_file in z.namelist() else None
-    workers = config.get("minWorkers", 1) if isinstance(config, dict) else 1
-    return model["modelName"], workers if isinstance(workers, int) and workers >= 1 else 1
+    workers = config.get("minWorkers") if isinstance(config, dict) else None
+    per_core = len(os.sched_getaffinity(0))
+    return model["modelName"], workers if isinstance(workers, int) and workers >= 1 else per_core
 
 
 def _signal_group(pgid: int, sig: signal.Signals) -> None:
