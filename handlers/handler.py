@@ -1,8 +1,8 @@
 """TorchServe custom handler: validate each request on its own, run the valid ones in one eval-mode forward.
 
 Requests and responses are `handlers.codec` messages (see ARCHITECTURE.md); this file knows no transport.
-The archive ships it beside the rest of handlers/ (codec, manifest, factory, preprocess, threads), the model's code
-(training/model.py for the built-in ConvNet, or the user's module or package), `weights.pt` and
+The archive ships it beside the handlers/ modules it imports (training/package.py's HANDLER_MODULES), the model's
+code (training/model.py for the built-in ConvNet, or the user's module or package), `weights.pt` and
 `gradserve.json`. A request carries exactly one of the model's inputs: `input` (the preprocessed tensor) or, for
 an image model, `image` (one encoded file per row, decoded and resized here exactly as in training); an element
 that does not decode fails its own request and no other.

@@ -1,7 +1,7 @@
 """`gradserve package --run runs/<name>`: the selected checkpoint -> model_store/<name>.mar.
 
-The archive (built by torch-model-archiver) holds the handler and what it imports (handlers/: codec, manifest,
-factory, preprocess), the model's code (training/model.py for the built-in ConvNet, or the user's module or
+The archive (built by torch-model-archiver) holds the handler and what it imports (the handlers/ modules that
+HANDLER_MODULES lists), the model's code (training/model.py for the built-in ConvNet, or the user's module or
 package in its layout, training/model_code.py), the weights of the selected checkpoint only, model-config.yaml
 and the gradserve.json manifest (ARCHITECTURE.md, "Archive"). Before it is written to the model store it is
 proven to work in a clean interpreter (training/archive_check.py).
