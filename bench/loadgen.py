@@ -7,7 +7,7 @@
 
 A sender writes pre-encoded bytes and checks the answer (status, and the row count where that is cheap);
 anything it raises counts as an error. gRPC targets open one channel (one TCP connection) per 16 workers and
-skip protobuf serialization on the way out; REST targets keep one HTTP/1.1 connection per worker (bench/http1.py:
+skip protobuf serialization on the way out; REST targets keep one HTTP/1.1 connection per worker (gradserve/http1.py:
 a request prepared once as bytes, the answer read by its length: tens of microseconds of CPU per request).
 """
 
@@ -26,8 +26,8 @@ from urllib.parse import urlsplit
 import grpc
 import numpy as np
 
-from bench import http1
 from client import grpc_client as fd_client
+from gradserve import http1
 from handlers import codec
 from server.generated import grpc_service_pb2 as pb
 from server.generated import torchserve_pb2
@@ -209,7 +209,7 @@ class OipStream(_Grpc):
 
 
 class _Http(Target):
-    """One keep-alive connection per worker (bench/http1.py), the request prepared once as bytes."""
+    """One keep-alive connection per worker (gradserve/http1.py), the request prepared once as bytes."""
 
     def __init__(self, url: str, token: str | None) -> None:
         parts = urlsplit(url)

@@ -36,7 +36,6 @@ from server.config import Coalesce, Limits, Listen, ServeConfig
 from server.errors import InvalidInput
 from server.generated import grpc_service_pb2 as pb
 from server.generated import grpc_service_pb2_grpc as pb_grpc
-from server.generated import torchserve_pb2_grpc
 from server.grpc_server import create_server
 from server.lifecycle import ModelManager
 from server.models import Archive
@@ -156,17 +155,17 @@ def test_unknown_errors_are_internal_generic_and_logged(caplog: pytest.LogCaptur
     assert "secret" not in message and "secret detail" in caplog.text
 
 
-@pytest.mark.parametrize(("code", "details", "expected"), [
-    (grpc.StatusCode.DEADLINE_EXCEEDED, "", errors.DeadlineExceeded),
-    (grpc.StatusCode.UNAVAILABLE, "", errors.Unavailable),
-    (grpc.StatusCode.RESOURCE_EXHAUSTED, "Worker died.", errors.Unavailable),  # exit 137 already seen
-    (grpc.StatusCode.INTERNAL, "Worker died.", errors.Unavailable),  # exit code not yet seen
-    (grpc.StatusCode.INTERNAL, "NullPointerException", RuntimeError),  # a bug somewhere: INTERNAL, logged
+@pytest.mark.parametrize(("status", "text", "expected"), [
+    (408, "", errors.DeadlineExceeded),
+    (503, "Model \"digits\" has no worker to serve inference request.", errors.Unavailable),  # or queue full
+    (404, "Model not found: digits", errors.Unavailable),  # unregistered under the call
+    (507, "Worker died.", errors.Unavailable),  # exit 137 already seen
+    (500, "Worker died.", errors.Unavailable),  # exit code not yet seen
+    (500, "NullPointerException", RuntimeError),  # a bug somewhere: INTERNAL, logged
 ])
-def test_torchserve_failures_map_to_what_a_caller_can_act_on(code: grpc.StatusCode, details: str,
+def test_torchserve_failures_map_to_what_a_caller_can_act_on(status: int, text: str,
                                                               expected: type[Exception]) -> None:
-    failure = grpc.aio.AioRpcError(code, grpc.aio.Metadata(), grpc.aio.Metadata(), details)
-    assert type(backend_error(failure)) is expected
+    assert type(backend_error(status, text)) is expected
 
 
 async def fake_management_api(ready: bool = True) -> tuple[asyncio.Server, str]:
@@ -191,25 +190,157 @@ def write_key_file(path: Path) -> Path:
     return path
 
 
-def test_torchserve_dying_under_calls_answers_them_unavailable(tmp_path: Path) -> None:
-    """TorchServe dies with calls in flight: the supervisor's `stop` closes the channel under them, which
-    grpc.aio reports as a cancellation of the awaiting task. Each caller must still get an answer (UNAVAILABLE,
-    at once), not a cancelled RPC that its client sees only as a deadline passing."""
-    class Hanging(torchserve_pb2_grpc.InferenceAPIsServiceServicer):
-        async def Predictions(self, request, context):  # type: ignore[no-untyped-def]
-            await asyncio.sleep(30)
+class FakeInferenceApi:
+    """TorchServe's HTTP inference API: `await answer(request)` (head and body) gives the raw response, or None
+    to close the connection without one. Keeps the requests seen and each connection's count of requests."""
+
+    def __init__(self, answer) -> None:  # type: ignore[no-untyped-def]
+        self.answer = answer
+        self.seen: list[bytes] = []
+        self.connections: list[int] = []
+        self.writers: list[asyncio.StreamWriter] = []
+
+    async def start(self) -> str:
+        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        return f"http://127.0.0.1:{self.server.sockets[0].getsockname()[1]}"
+
+    def drop_connections(self) -> None:
+        """Close every connection from the server's side, as TorchServe does when it restarts."""
+        for writer in self.writers:
+            writer.close()
+
+    def close(self) -> None:
+        self.drop_connections()
+        self.server.close()
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.connections.append(0)
+        self.writers.append(writer)
+        mine = len(self.connections) - 1
+        try:
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                length = int(head.lower().split(b"content-length: ")[1].split(b"\r\n")[0])
+                self.seen.append(head + await reader.readexactly(length))
+                self.connections[mine] += 1
+                response = await self.answer(self.seen[-1])
+                if response is None:
+                    break
+                writer.write(response)
+                await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass  # the client closed the connection
+        writer.close()
+
+
+def ok(body: bytes) -> bytes:
+    return b"HTTP/1.1 200 OK\r\ncontent-length: " + str(len(body)).encode() + b"\r\n\r\n" + body
+
+
+async def connected_client(inference_url: str, key_file: Path, management_url: str = "http://127.0.0.1:9"
+                           ) -> TorchServeClient:
+    client = TorchServeClient()
+    await client.connect(Endpoint("127.0.0.1:9", management_url, inference_url, key_file), [DIGITS.internal_name])
+    assert await client._read_keys_once() is not None
+    return client
+
+
+def test_predictions_travel_over_kept_alive_connections_with_the_inference_key(tmp_path: Path) -> None:
+    async def echo(request: bytes) -> bytes:
+        return ok(request.partition(b"\r\n\r\n")[2][::-1])
 
     async def main() -> None:
-        server = grpc.aio.server()
-        torchserve_pb2_grpc.add_InferenceAPIsServiceServicer_to_server(Hanging(), server)
-        port = server.add_insecure_port("127.0.0.1:0")
-        await server.start()
-        management, url = await fake_management_api()
-        client = TorchServeClient()
+        api = FakeInferenceApi(echo)
+        client = await connected_client(await api.start(), write_key_file(tmp_path / "keys.json"))
+        deadline = asyncio.get_running_loop().time() + 5
+        try:
+            for i in range(5):
+                assert await client.predict("digits_1.0", b"payload %d" % i, deadline) == (b"payload %d" % i)[::-1]
+            assert api.connections == [5]  # one connection, kept alive
+            assert api.seen[0].startswith(b"POST /predictions/digits_1.0 HTTP/1.1\r\n")
+            assert b"\r\nauthorization: Bearer i\r\n" in api.seen[0]
+            assert b"\r\ncontent-type: application/octet-stream\r\n" in api.seen[0]
+            answers = await asyncio.gather(*(client.predict("m", b"%d" % i, deadline) for i in range(8)))
+            assert answers == [(b"%d" % i)[::-1] for i in range(8)]
+            assert len(api.connections) == 8 and sum(api.connections) == 13  # as many as calls in flight at once
+        finally:
+            await client.stop()
+            api.close()
+
+    asyncio.run(main())
+
+
+def test_predictions_follow_renewed_keys_and_connections_the_server_closed(tmp_path: Path) -> None:
+    """A 400 "Token Authorization failed" (TorchServe renewed its keys under the call) is retried with the key
+    file's new key; a kept-alive connection the server closed while it was idle is replaced without an error."""
+    keys = write_key_file(tmp_path / "keys.json")
+    answers = iter([b"HTTP/1.1 400 Bad Request\r\ncontent-length: 42\r\n\r\n"
+                    b'{"message": "Token Authorization failed."}', None])
+
+    async def answer(request: bytes) -> bytes | None:
+        if b"Bearer i\r\n" in request:
+            keys.write_text(keys.read_text().replace('"key": "i"', '"key": "i2"'))
+            return next(answers)
+        return ok(b"yes") if b"Bearer i2\r\n" in request else ok(b"wrong key")
+
+    async def main() -> None:
+        api = FakeInferenceApi(answer)
+        client = await connected_client(await api.start(), keys)
+        deadline = asyncio.get_running_loop().time() + 5
+        try:
+            assert await client.predict("m", b"x", deadline) == b"yes"
+            assert [b"Bearer i2\r\n" in r for r in api.seen] == [False, True]
+            api.drop_connections()  # the kept-alive connection, idle now
+            await asyncio.sleep(0.1)
+            assert await client.predict("m", b"x", deadline) == b"yes"
+            assert len(api.seen) == 3 and len(api.connections) == 2
+            api.drop_connections()
+            await asyncio.sleep(0.1)
+            api.answer = lambda request: asyncio.sleep(0)  # now closes every connection without an answer
+            with pytest.raises(errors.Unavailable):  # the dead connection, then a new one, which fails too
+                await client.predict("m", b"x", deadline)
+            assert len(api.seen) == 4  # not tried a third time
+        finally:
+            await client.stop()
+            api.close()
+
+    asyncio.run(main())
+
+
+def test_a_prediction_past_its_deadline_is_deadline_exceeded_and_its_connection_dropped(tmp_path: Path) -> None:
+    async def slow(request: bytes) -> bytes:
+        await asyncio.sleep(1)
+        return ok(b"late")
+
+    async def main() -> None:
+        api = FakeInferenceApi(slow)
+        client = await connected_client(await api.start(), write_key_file(tmp_path / "keys.json"))
+        try:
+            with pytest.raises(errors.DeadlineExceeded):
+                await client.predict("m", b"x", asyncio.get_running_loop().time() + 0.2)
+            assert client._inference._idle == []  # type: ignore[union-attr]  # its answer would come late on it
+            assert await client.predict("m", b"x", asyncio.get_running_loop().time() + 5) == b"late"
+            assert len(api.connections) == 2
+        finally:
+            await client.stop()
+            api.close()
+
+    asyncio.run(main())
+
+
+def test_torchserve_dying_under_calls_answers_them_unavailable(tmp_path: Path) -> None:
+    """TorchServe dies with calls in flight: the supervisor's `stop` closes the connections under them. Each caller
+    must get an answer (UNAVAILABLE, at once), not a call that its client sees only as a deadline passing."""
+    async def hang(request: bytes) -> bytes:
+        await asyncio.sleep(30)
+        return ok(b"")
+
+    async def main() -> None:
+        api = FakeInferenceApi(hang)
+        management, management_url = await fake_management_api()
+        client = await connected_client(await api.start(), write_key_file(tmp_path / "keys.json"), management_url)
         config = ServeConfig(coalesce=Coalesce(max_rows=64, max_calls=1))
         backend = Backend(config, ModelManager.loaded([DIGITS], client), client)
-        await client.connect(Endpoint(f"127.0.0.1:{port}", url, url, write_key_file(tmp_path / "keys.json")),
-                             [DIGITS.internal_name])
         await client.poll_ready()
         assert backend.ready()
         try:
@@ -223,7 +354,7 @@ def test_torchserve_dying_under_calls_answers_them_unavailable(tmp_path: Path) -
             assert all(isinstance(r, errors.Unavailable) for r in results), results
             assert not backend.ready()
         finally:
-            await server.stop(0)
+            api.close()
             management.close()
 
     asyncio.run(main())

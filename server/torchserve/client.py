@@ -1,10 +1,12 @@
 """The one client of TorchServe's own API, and the one place that knows TorchServe's words.
 
 `TorchServeClient` holds TorchServe's keys (read from the key file it writes, renewed through its token
-endpoint before they expire), the gRPC channel to its `Predictions`, and each model's readiness (its
-management API's worker status, polled in the background). The supervisor calls `start` once a TorchServe
-process runs and `stop` when it has died; the front door's data plane (server/backend.py) calls `predict` and
-`ready` and is told when readiness changes.
+endpoint before they expire), keep-alive connections to its HTTP inference API (`POST /predictions/<model>`
+through gradserve/http1.py: a call through its gRPC `Predictions` cost TorchServe's JVM about twice the CPU, and
+grpc.aio the front door several times as much), and each model's readiness (its management API's worker status,
+polled in the background). The supervisor calls `start` once a TorchServe process runs and `stop` when it has
+died; the front door's data plane (server/backend.py) calls `predict` and `ready` and is told when readiness
+changes.
 
 TorchServe answers some conditions only in prose (a management key it has just replaced, a worker that died
 under a request, a worker that keeps failing to load): every match on its text is in the section below, so a
@@ -22,14 +24,13 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
+from urllib.parse import quote, urlsplit
 
-import grpc
 import httpx
-from google.protobuf import empty_pb2
 
+from gradserve import http1
 from server.config import TorchServeSection
 from server.errors import DeadlineExceeded, Unavailable
-from server.generated import torchserve_pb2, torchserve_pb2_grpc
 from server.torchserve.process import Endpoint, TorchServe, TorchServeError
 
 log = logging.getLogger(__name__)
@@ -38,8 +39,8 @@ log = logging.getLogger(__name__)
 
 # The management API's 400 for a request sent with a key it has just replaced.
 _STALE_KEY = "Token Authorization"
-# gRPC INTERNAL details for the requests a worker held when it died, if TorchServe's WorkerThread has not yet read
-# its exit code (once it has, the same requests get RESOURCE_EXHAUSTED, its 507).
+# The 500's text for the requests a worker held when it died, if TorchServe's WorkerThread has not yet read its
+# exit code (once it has, the same requests get 507).
 _WORKER_DIED = "Worker died"
 # Ping's answer once the frontend serves.
 _HEALTHY = "Healthy"
@@ -66,20 +67,19 @@ def load_error(model_log: str, model_name: str) -> str:
     return said[-1].strip() if said else ""
 
 
-def backend_error(e: grpc.aio.AioRpcError) -> Exception:
-    """The domain error (server/errors.py) for a failed Predictions call."""
-    code = e.code()
-    if code == grpc.StatusCode.DEADLINE_EXCEEDED:
+def backend_error(status: int, text: str) -> Exception:
+    """The domain error (server/errors.py) for a prediction TorchServe answered with HTTP `status`."""
+    if status in (408, 504):
         return DeadlineExceeded("the model server did not answer within the deadline")
-    if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED):
-        return Unavailable("the model server is unreachable; retry shortly")
-    worker_died = code == grpc.StatusCode.INTERNAL and (e.details() or "").startswith(_WORKER_DIED)
-    if code == grpc.StatusCode.RESOURCE_EXHAUSTED or worker_died:
+    if status in (500, 507) and (status == 507 or _WORKER_DIED in text):
         # What TorchServe answers the requests a dead worker held while it restarts the worker: 507 when it has
         # already seen the exit code 137 of a SIGKILL (the OOM killer's), else 500 "Worker died." (a race in its
-        # WorkerThread). (A full TorchServe queue is UNAVAILABLE; requests never exceed its max_request_size.)
+        # WorkerThread). Requests never exceed its max_request_size.
         return Unavailable("the model server lost its worker and is restarting it; retry shortly")
-    return RuntimeError(f"model server call failed: {code.name}: {e.details()}")
+    if status in (404, 503):  # the model is not (or no longer) registered; its queue is full; no worker yet
+        return Unavailable(f"the model server cannot take the request now ({status}: {text.strip()[:200]}); "
+                           "retry shortly")
+    return RuntimeError(f"model server call failed: HTTP {status}: {text.strip()[:200]}")
 
 
 # --- keys ------------------------------------------------------------------------------------------------------
@@ -110,10 +110,6 @@ def _bearer(key: str) -> dict[str, str]:
     return {"authorization": f"Bearer {key}"}
 
 
-def _grpc_bearer(key: str) -> tuple[tuple[str, str], ...]:
-    return (("authorization", f"Bearer {key}"),)
-
-
 # --- the client ----------------------------------------------------------------------------------------------
 
 
@@ -127,8 +123,7 @@ class TorchServeClient:
         self._max_message_bytes = max_message_bytes
         self._endpoint: Endpoint | None = None
         self._models: list[str] = []
-        self._channel: grpc.aio.Channel | None = None
-        self._stub: torchserve_pb2_grpc.InferenceAPIsServiceStub | None = None
+        self._inference: http1.Pool | None = None
         self._http: httpx.AsyncClient | None = None
         self._keys: Keys | None = None
         self._ready: dict[str, bool] = {}
@@ -152,13 +147,11 @@ class TorchServeClient:
         self._tasks = [asyncio.create_task(self._poll_loop()), asyncio.create_task(self._renew_loop())]
 
     async def connect(self, endpoint: Endpoint, models: Sequence[str]) -> None:
-        """The channel and HTTP client for `endpoint`; keys are read once TorchServe has written them."""
+        """The connections to `endpoint`; keys are read once TorchServe has written them."""
         self._endpoint, self._models = endpoint, list(models)
         self._unknown_polls = dict.fromkeys(self._models, 0)
-        limit = self._max_message_bytes
-        options = [("grpc.max_send_message_length", limit), ("grpc.max_receive_message_length", limit)]
-        self._channel = grpc.aio.insecure_channel(endpoint.grpc_target, options=options)
-        self._stub = torchserve_pb2_grpc.InferenceAPIsServiceStub(self._channel)
+        inference = urlsplit(endpoint.inference_url)
+        self._inference = http1.Pool(inference.hostname or "127.0.0.1", inference.port or 80)
         self._http = httpx.AsyncClient(base_url=endpoint.management_url, timeout=5.0)
 
     async def stop(self) -> None:
@@ -168,12 +161,11 @@ class TorchServeClient:
         await asyncio.gather(*self._tasks, return_exceptions=True)
         self._tasks = []
         self._set_ready({})
-        # Let go first: a call started while the channel closes would find it closed (UsageError).
-        channel, http = self._channel, self._http
-        self._channel = self._stub = self._http = self._endpoint = None
+        inference, http = self._inference, self._http
+        self._inference = self._http = self._endpoint = None
         self._keys = None
-        if channel is not None:
-            await channel.close()  # cancels the calls in flight: `predict` answers them UNAVAILABLE
+        if inference is not None:
+            inference.close()  # ends the calls in flight: `predict` answers them UNAVAILABLE
         if http is not None:
             await http.aclose()
 
@@ -252,14 +244,17 @@ class TorchServeClient:
     async def _not_ready(self) -> str | None:
         """None when ready, else what is still missing."""
         keys = self._keys or await self._read_keys_once()
-        if keys is None or self._stub is None:
+        if keys is None or self._inference is None:
             return "key_file.json not written yet"
+        pool = self._inference
         try:
-            answer = await self._stub.Ping(empty_pb2.Empty(), timeout=2, metadata=_grpc_bearer(keys.inference))
-        except grpc.aio.AioRpcError as e:
-            return f"gRPC Ping failed: {e.code().name}"
-        if _HEALTHY not in answer.health:
-            return f"Ping says {answer.health.strip()}"
+            async with asyncio.timeout(2):
+                status, answer = await pool.send(http1.request_head("GET", pool.authority, "/ping", 0,
+                                                                      headers=_bearer(keys.inference)))
+        except (OSError, asyncio.IncompleteReadError, http1.HttpError) as e:
+            return f"/ping failed: {type(e).__name__}"
+        if status != 200 or _HEALTHY.encode() not in answer:
+            return f"/ping says {status} {answer.decode(errors='replace').strip()[:200]}"
         for name in self._models:
             if not await self._has_ready_worker(name):
                 return f"model {name} has no READY worker yet"
@@ -382,33 +377,33 @@ class TorchServeClient:
     # --- inference -----------------------------------------------------------------------------------------
 
     async def predict(self, model: str, payload: bytes, deadline: float) -> bytes:
-        """TorchServe's `Predictions` for one handler payload, by `deadline` (the loop's clock); its answer's
+        """TorchServe's prediction for one handler payload, by `deadline` (the loop's clock); its answer's
         payload. Failures are domain errors (server/errors.py)."""
-        request = torchserve_pb2.PredictionsRequest(model_name=model, input={"data": payload})
+        path = f"/predictions/{quote(model, safe='')}"
         for _ in range(3):
-            stub, keys = self._stub, self._keys
-            if stub is None or keys is None:
+            pool, keys = self._inference, self._keys
+            if pool is None or keys is None:
                 raise Unavailable("the model server is down and restarting; retry shortly")
-            timeout = deadline - asyncio.get_running_loop().time()
-            if timeout <= 0:
+            if deadline <= asyncio.get_running_loop().time():
                 raise DeadlineExceeded("the deadline passed before the request reached the model server")
+            head = http1.request_head("POST", pool.authority, path, len(payload), "application/octet-stream",
+                                      _bearer(keys.inference))
             try:
-                response = await stub.Predictions(request, timeout=timeout,
-                                                  metadata=_grpc_bearer(keys.inference))
-                return response.prediction
-            except (asyncio.CancelledError, grpc.aio.UsageError):
-                task = asyncio.current_task()
-                if task is not None and task.cancelling():
-                    raise  # this task itself is cancelled (its caller's deadline): not ours to answer
-                # TorchServe died and `stop` closed the channel under this call, which grpc.aio reports as a
-                # cancellation of the awaiting task; passed on, the caller's RPC would get no answer.
+                async with asyncio.timeout_at(deadline):
+                    status, answer = await pool.send((head, payload))
+            except TimeoutError:
+                raise DeadlineExceeded("the model server did not answer within the deadline") from None
+            except (OSError, asyncio.IncompleteReadError, http1.HttpError):
+                # TorchServe died (`stop` closed the connections under this call) or is not listening.
                 raise Unavailable("the model server went down during the call; retry shortly") from None
-            except grpc.aio.AioRpcError as e:
-                if e.code() != grpc.StatusCode.PERMISSION_DENIED or self._endpoint is None:
-                    raise backend_error(e) from None
-                # TorchServe renewed its keys under this call (it drops the old key before it has rewritten its
-                # key file): wait for the new key, then try again.
-                await self._reload_keys(stale=keys.inference)
+            if status == 200:
+                return answer
+            text = answer.decode(errors="replace")
+            if not stale_key(status, text) or self._endpoint is None:
+                raise backend_error(status, text)
+            # TorchServe renewed its keys under this call (it drops the old key before it has rewritten its key
+            # file): wait for the new key, then try again.
+            await self._reload_keys(stale=keys.inference)
         raise Unavailable("the model server refused its renewed key; retry shortly")
 
 
