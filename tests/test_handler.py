@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 from pathlib import Path
@@ -13,7 +14,7 @@ import torch
 from run_fixtures import digits, make_run, selected_model
 
 from handlers import codec, local
-from handlers.handler import GradserveHandler
+from handlers.handler import QUIET_METRICS_ENV, GradserveHandler
 from handlers.sharedmem import PayloadArea
 from training.package import PackageConfig, package
 
@@ -169,6 +170,30 @@ def test_batchnorm_statistics_do_not_move(handler: GradserveHandler) -> None:
         handler.handle(payloads, context(Path()))
     for key, value in handler.model.state_dict().items():
         assert torch.equal(value, before[key]), key
+
+
+def test_behind_the_front_door_no_metric_line_is_printed_per_call(model_dir: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                   caplog: pytest.LogCaptureFixture) -> None:
+    """TorchServe's worker prints a metric line for every call (its PredictionTime, through this logger); the front
+    door's TorchServe drops those lines and says so in the environment, and the handler then has none printed.
+    Under another TorchServe they stay."""
+    from ts.metrics.caching_metric import CachingMetric
+    from ts.metrics.metric_type_enum import MetricTypes
+
+    metric = CachingMetric("PredictionTime", "ms", ["ModelName", "Level"], MetricTypes.GAUGE)
+    caplog.set_level(logging.INFO)  # as TorchServe's worker logs (its root logger at INFO, to stdout)
+    printed = []
+    try:
+        for quiet in (False, True):
+            if quiet:
+                monkeypatch.setenv(QUIET_METRICS_ENV, "1")
+            GradserveHandler().initialize(context(model_dir))
+            caplog.clear()
+            metric.add_or_update(1.5, ["digits", "Model"])
+            printed.append([r.getMessage() for r in caplog.records if "[METRICS]PredictionTime" in r.getMessage()])
+    finally:
+        logging.getLogger("ts.metrics").setLevel(logging.NOTSET)
+    assert len(printed[0]) == 1 and printed[1] == []
 
 
 def test_threads_share_the_cores_between_workers(model_dir: Path) -> None:

@@ -25,11 +25,13 @@ from torchserve_fixtures import packaged_store, predictions_stub, running_torchs
 
 from handlers import codec
 from handlers.factory import ModelSpec
+from handlers.handler import QUIET_METRICS_ENV
 from server.backend import Backend
 from server.config import ServeConfig, TorchServeSection
 from server.generated import torchserve_pb2
 from server.lifecycle import ModelManager
 from server.models import read_archive
+from server.torchserve import process
 from server.torchserve.client import Keys, TorchServeClient, wait_until_ready
 from server.torchserve.process import TorchServe, TorchServeConfig, TorchServeError, archive_model_name, check_java
 
@@ -76,6 +78,15 @@ def test_everything_listens_on_loopback_only(torchserve: TorchServe) -> None:
     written = dict(line.split("=", 1) for line in (torchserve.config.workdir / "config.properties").read_text().split())
     assert written["enable_model_api"] == "false" and written["disable_token_authorization"] == "false"
     assert written["install_py_dep_per_model"] == "false"
+
+
+def test_its_workers_are_told_that_their_metric_lines_are_dropped(torchserve: TorchServe) -> None:
+    """Our log configuration drops the metric line a worker prints per call, so the handler is told not to print it
+    (handlers/handler.py): both sides spell the variable alike, and the running workers have it."""
+    assert process.QUIET_METRICS_ENV == QUIET_METRICS_ENV and torchserve.config.log_config == process.LOG_CONFIG
+    workers = [p for p in psutil.Process(torchserve.pid).children(recursive=True)
+               if "model_service_worker" in " ".join(p.cmdline())]
+    assert workers and all(p.environ().get(QUIET_METRICS_ENV) == "1" for p in workers)
 
 
 def test_missing_java_says_what_to_install(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:

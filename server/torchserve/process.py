@@ -32,6 +32,9 @@ from gradserve.config import ENV_TOKEN
 from gradserve.net import free_ports
 
 LOG_CONFIG = Path(__file__).with_name("log4j2.xml")
+# Set for the workers of a TorchServe that runs LOG_CONFIG, which drops the metric line a worker prints for every
+# call: the handler then does not print it at all (handlers/handler.py reads the same name).
+QUIET_METRICS_ENV = "GRADSERVE_QUIET_WORKER_METRICS"
 
 
 @dataclass(frozen=True)
@@ -100,7 +103,8 @@ class TorchServe:
         # Not the clients' token: TorchServe and its workers (which run the model's code) never need it.
         env = {**{k: v for k, v in os.environ.items() if k != ENV_TOKEN}, "TEMP": str(workdir / "tmp"),
                "TMPDIR": str(workdir / "tmp"),
-               "LOG_LOCATION": str(workdir / "logs"), "METRICS_LOCATION": str(workdir / "logs")}
+               "LOG_LOCATION": str(workdir / "logs"), "METRICS_LOCATION": str(workdir / "logs"),
+               **({QUIET_METRICS_ENV: "1"} if self.config.log_config == LOG_CONFIG else {})}
         with open(self.log_path, "ab") as log:
             # Through server/torchserve/guard.py: TorchServe goes down with this process even if it is SIGKILLed.
             self.process = subprocess.Popen(
