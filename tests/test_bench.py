@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from run_fixtures import make_run
 
-from bench import harness, loadgen, peer_stacks
+from bench import backend_transport, harness, loadgen, peer_stacks
 from bench.models import sample_rows
 from bench.peers.model import PeerModel
 from gradserve.errors import UsageError
@@ -89,6 +89,17 @@ def test_a_missing_peer_says_how_to_make_it_and_an_unknown_one_is_refused(tmp_pa
 
 
 @pytest.mark.timeout(900)
+def test_backend_transport_calls_a_real_torchserve_over_both_of_its_apis(tmp_path: Path) -> None:
+    out = tmp_path / "transport.json"
+    argv = ["--run", str(make_run(tmp_path / "runs")), "--seconds", "0.3", "--rounds", "1", "--out", str(out)]
+    assert backend_transport.main(argv) == 0
+    results = json.loads(out.read_text())["results"]
+    assert sorted((r["way"], r["concurrency"]) for r in results) == [("grpc", 1), ("grpc", 8), ("http", 1), ("http", 8)]
+    for r in results:
+        assert r["calls_s"] > 0 and set(r["cpu_ms_per_call"]) == {"caller", "torchserve_java", "torchserve_worker"}
+        assert r["cpu_ms_per_call"]["torchserve_worker"] > 0  # the calls reached the handler
+
+
 def test_bench_quick_run_measures_every_path_of_every_model(tmp_path: Path) -> None:
     run = make_run(tmp_path / "runs")
     out = tmp_path / "results"
