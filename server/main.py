@@ -99,7 +99,7 @@ async def serve(config: ServeConfig, on_ready: Callable[[], None] | None = None)
     store = Path(config.model_store)
     if not store.is_dir():
         raise UsageError(f"the model store {store} is not a folder: build an archive there with `gradserve package`")
-    client = TorchServeClient(config.torchserve, config.limits.max_message_bytes + config.limits.envelope_bytes)
+    client = TorchServeClient(config.torchserve)
     models = ModelManager(store, client, config.default_versions, load_timeout_s=config.torchserve.ready_timeout_s)
     ts = config.torchserve
     backend = Backend(config, models, client, metrics.observe_batch,

@@ -42,7 +42,7 @@ _STALE_KEY = "Token Authorization"
 # The 500's text for the requests a worker held when it died, if TorchServe's WorkerThread has not yet read its
 # exit code (once it has, the same requests get 507).
 _WORKER_DIED = "Worker died"
-# Ping's answer once the frontend serves.
+# /ping's answer once the frontend serves.
 _HEALTHY = "Healthy"
 # ts_log.log: a model's worker died and is being restarted (the thread is W-<port>-<model>_<version>).
 _RETRY_WORKER = re.compile(r" W-\d+-(.+?)_[^ _]+ \S+ - Retry worker")
@@ -118,9 +118,8 @@ class LoadFailed(Exception):
 
 
 class TorchServeClient:
-    def __init__(self, settings: TorchServeSection | None = None, max_message_bytes: int = 64 * 1024 * 1024) -> None:
+    def __init__(self, settings: TorchServeSection | None = None) -> None:
         self.settings = settings or TorchServeSection()
-        self._max_message_bytes = max_message_bytes
         self._endpoint: Endpoint | None = None
         self._models: list[str] = []
         self._inference: http1.Pool | None = None
