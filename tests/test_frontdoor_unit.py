@@ -274,13 +274,13 @@ def test_predictions_follow_renewed_keys_and_connections_the_server_closed(tmp_p
     """A 400 "Token Authorization failed" (TorchServe renewed its keys under the call) is retried with the key
     file's new key; a kept-alive connection the server closed while it was idle is replaced without an error."""
     keys = write_key_file(tmp_path / "keys.json")
-    answers = iter([b"HTTP/1.1 400 Bad Request\r\ncontent-length: 42\r\n\r\n"
-                    b'{"message": "Token Authorization failed."}', None])
+    stale = (b"HTTP/1.1 400 Bad Request\r\ncontent-length: 42\r\n\r\n"
+             b'{"message": "Token Authorization failed."}')
 
     async def answer(request: bytes) -> bytes | None:
-        if b"Bearer i\r\n" in request:
+        if b"Bearer i\r\n" in request:  # TorchServe renews its keys, then refuses the old one
             keys.write_text(keys.read_text().replace('"key": "i"', '"key": "i2"'))
-            return next(answers)
+            return stale
         return ok(b"yes") if b"Bearer i2\r\n" in request else ok(b"wrong key")
 
     async def main() -> None:
