@@ -101,7 +101,7 @@ def create_app(config: ServeConfig, backend: Backend, tokens: auth.Tokens) -> Fa
     @app.post("/v2/models/{model}/versions/{version}/infer", response_model=InferenceResponse, **INFER_DOCS)
     async def infer(model: str, request: Request, version: str = "") -> Response:
         """Described here for /openapi.json; Guard answers these requests before FastAPI routes them."""
-        return await infer_endpoint(request, backend, config, model, version)
+        return await infer_endpoint(request, backend, config, model=model, version=version)
 
     @app.get("/metrics")
     async def prometheus() -> Response:
@@ -115,17 +115,14 @@ def create_app(config: ServeConfig, backend: Backend, tokens: auth.Tokens) -> Fa
     return app
 
 
-async def infer_endpoint(request: Request, backend: Backend, config: ServeConfig, model: str, version: str
-                         ) -> Response:
-    """POST .../infer, observed as ModelInfer; a failure becomes its status and message from the error table."""
-    with metrics.observe("rest", "ModelInfer", model) as obs:
-        try:
-            call = await _read_call(request, backend, model, version, config.limits.max_message_bytes)
-            obs.rows = max((len(x) for x in call.inputs.values() if x.ndim), default=0)
-            manifest, outputs = await backend.infer(model, version, call.inputs, call.outputs, _timeout(request))
-            return inference_response(manifest, call, outputs)
-        except Exception as e:  # noqa: BLE001 - the error table decides what the caller hears
-            return _error(e, obs)
+@route("ModelInfer")
+async def infer_endpoint(request: Request, backend: Backend, config: ServeConfig, obs: metrics.Observation, *,
+                         model: str, version: str) -> Response:
+    """POST .../infer (called with model= and version=, which `route` observes)."""
+    call = await _read_call(request, backend, model, version, config.limits.max_message_bytes)
+    obs.rows = max((len(x) for x in call.inputs.values() if x.ndim), default=0)
+    manifest, outputs = await backend.infer(model, version, call.inputs, call.outputs, _timeout(request))
+    return inference_response(manifest, call, outputs)
 
 
 async def _read_call(request: Request, backend: Backend, model: str, version: str, max_bytes: int) -> Inference:
@@ -178,8 +175,8 @@ class Guard:
                 return
             receive = _limited(receive, limit)
             if infer is not None:
-                response = await infer_endpoint(Request(scope, receive), self.backend, self.config, infer["model"],
-                                                 infer["version"] or "")
+                response = await infer_endpoint(Request(scope, receive), self.backend, self.config,
+                                                 model=infer["model"], version=infer["version"] or "")
                 await response(scope, receive, send)
                 return
         await self.app(scope, receive, send)
