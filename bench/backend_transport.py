@@ -17,6 +17,7 @@ import argparse
 import asyncio
 import json
 import platform
+import sys
 import tempfile
 import time
 from collections.abc import Awaitable, Callable
@@ -29,6 +30,7 @@ import psutil
 
 from bench.stacks import running_torchserve
 from gradserve import http1
+from gradserve.errors import UsageError
 from handlers import codec
 from handlers.manifest import Manifest
 from server.generated import torchserve_pb2, torchserve_pb2_grpc
@@ -112,7 +114,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     results: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="gradserve-transport-") as tmp:
-        archive = package(args.run, PackageConfig(model_store=f"{tmp}/store"))
+        try:
+            archive = package(args.run, PackageConfig(model_store=f"{tmp}/store"))
+        except UsageError as e:  # no such run yet: say so, and how to make one
+            print(f"{e} (`make run` trains the demo's run into runs/digits; or pass --run)", file=sys.stderr)
+            return 2
         manifest = read_archive(archive).manifest
         assert manifest is not None
         with running_torchserve(archive.parent, Path(tmp) / "ts", (archive.name,)) as (torchserve, keys):

@@ -89,8 +89,11 @@ def test_a_missing_peer_says_how_to_make_it_and_an_unknown_one_is_refused(tmp_pa
 
 
 @pytest.mark.timeout(900)
-def test_backend_transport_calls_a_real_torchserve_over_both_of_its_apis(tmp_path: Path) -> None:
+def test_backend_transport_calls_a_real_torchserve_over_both_of_its_apis(tmp_path: Path,
+                                                                        capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "transport.json"
+    assert backend_transport.main(["--run", str(tmp_path / "no-run"), "--out", str(out)]) == 2
+    assert "make run" in capsys.readouterr().err and not out.exists()
     argv = ["--run", str(make_run(tmp_path / "runs")), "--seconds", "0.3", "--rounds", "1", "--out", str(out)]
     assert backend_transport.main(argv) == 0
     results = json.loads(out.read_text())["results"]
