@@ -35,6 +35,9 @@ logger = logging.getLogger(__name__)
 # Set by the front door's TorchServe launcher (server/torchserve/process.py), whose log configuration drops the
 # metric line TorchServe's worker prints for every call; the front door keeps its own metrics.
 QUIET_METRICS_ENV = "GRADSERVE_QUIET_WORKER_METRICS"
+# The line TorchServe's worker logs (root logger, INFO) for every call it receives; the JVM reads it from the
+# worker's stdout and writes it to model_log.log.
+RECEIVED_LINE = "Backend received inference at: %d"
 
 # A request is either its validated input rows (the model's input tensor, unstandardised) or the error payload
 # that answers it.
@@ -69,6 +72,7 @@ class GradserveHandler(BaseHandler):
         self.batch_sizes: Counter[int] = Counter()  # requests per handle() call, as TorchServe batched them
         if os.environ.get(QUIET_METRICS_ENV) == "1":  # not printed at all: 5-7% of a worker's CPU on single rows
             logging.getLogger("ts.metrics").setLevel(logging.WARNING)
+            logging.getLogger().addFilter(_not_per_call)
         with torch.inference_mode():
             self.model(torch.zeros((2, *self.transform.in_shape), device=self.device))  # warm-up
         self.initialized = True
@@ -145,6 +149,11 @@ class GradserveHandler(BaseHandler):
             except ImageError as e:
                 raise ImageError(f"image {i} of the request: {e}") from None
         return np.stack(rows)
+
+
+def _not_per_call(record: logging.LogRecord) -> bool:
+    """False for TorchServe's line per call: neither printed by the worker nor read and written by the JVM."""
+    return record.msg != RECEIVED_LINE
 
 
 def _invalid(message: str) -> bytes:

@@ -81,7 +81,7 @@ def from_bytes(name: str, datatype: str, shape: Sequence[int], raw: bytes | memo
     return _shaped(name, datatype, shape, lambda: np.frombuffer(raw, dtype=dtype))
 
 
-def from_values(name: str, datatype: str, shape: Sequence[int], values: Sequence[Any], where: str,
+def from_values(name: str, datatype: str, shape: Sequence[int], values: Sequence[Any] | np.ndarray, where: str,
                 base64_strings: bool = False) -> np.ndarray:
     """An input sent as values, flat or nested, in row-major order; `where` names the field they came in.
     BYTES values are bytes or str (UTF-8); with `base64_strings` each is base64 that decodes to the element."""

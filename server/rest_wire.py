@@ -6,9 +6,9 @@ Triton's binary tensor data extension: the first N bytes of the body are the JSO
 `parameters.binary_data_size` is set takes that many of the bytes after it, in input order, as its raw contents.
 Outputs go back as JSON `data`, or, where the request asks (`parameters.binary_data_output`, or an output's
 `parameters.binary_data`), as raw contents after the JSON response, whose length the same header gives.
-The body is parsed by pydantic_core's JSON parser (several times faster than the json module's) into plain values,
-checked here, and turned into arrays by numpy (server/oip.py); the pydantic models below only describe it in
-/openapi.json.
+The body is parsed by simdjson, floating-point inputs' numbers straight into arrays (server/fastjson.py), or
+where it does not take the body (NaN, ...) by pydantic_core's JSON parser into plain values; checked here and
+turned into arrays by numpy (server/oip.py). The pydantic models below only describe it in /openapi.json.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from pydantic_core import from_json, to_json
 
 from handlers import codec
 from handlers.manifest import Manifest
-from server import oip
+from server import fastjson, oip
 from server.errors import InvalidInput, MessageTooLarge
 
 HEADER_LENGTH = "Inference-Header-Content-Length"  # Triton's binary tensor data extension
@@ -188,6 +188,9 @@ def _split(body: bytes, header_length: str | None) -> tuple[bytes, memoryview | 
 
 
 def _json_object(text: bytes, plain: bool) -> dict[str, Any]:
+    fast = fastjson.parse(text)  # float tensors straight into arrays; None: the general parser below reads it
+    if fast is not None:
+        return fast
     try:
         request = from_json(text, cache_strings="keys")
     except ValueError as e:  # also bytes that are not UTF-8, and nesting too deep
@@ -227,7 +230,7 @@ def _input(i: int, entry: Any, binary: memoryview | None) -> tuple[str, np.ndarr
     size = parameters.get("binary_data_size")
     if size is None:
         data = entry.get("data")
-        if not isinstance(data, list):
+        if not isinstance(data, list | np.ndarray):  # an array: server/fastjson.py read the numbers
             raise InvalidInput(f"input {name!r}: data must be a list of its elements (flat or nested, row-major), "
                                f"or set parameters.binary_data_size and send them as binary data ({HEADER_LENGTH})")
         base64_strings = parameters.get("content_type") == "base64"

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from run_fixtures import make_run
 
-from bench import backend_transport, harness, loadgen, peer_stacks
+from bench import backend_transport, harness, loadgen, peer_stacks, rest_parse
 from bench.models import sample_rows
 from bench.peers.model import PeerModel
 from gradserve.errors import UsageError
@@ -101,6 +101,16 @@ def test_backend_transport_calls_a_real_torchserve_over_both_of_its_apis(tmp_pat
     for r in results:
         assert r["calls_s"] > 0 and set(r["cpu_ms_per_call"]) == {"caller", "torchserve_java", "torchserve_worker"}
         assert r["cpu_ms_per_call"]["torchserve_worker"] > 0  # the calls reached the handler
+
+
+def test_rest_parse_reads_every_body_both_ways_and_writes_the_table(tmp_path: Path) -> None:
+    """Both parsers read each body to the same array (the module checks it before timing) and the table has a row
+    per model and row count."""
+    out = tmp_path / "rest_parse.json"
+    assert rest_parse.main(["--seconds", "0.01", "--out", str(out)]) == 0
+    results = json.loads(out.read_text())["results"]
+    assert {(r["model"], r["rows"]) for r in results} == {(m, n) for m in rest_parse.SHAPES for n in rest_parse.ROWS}
+    assert all(r["simdjson_ms"] > 0 and r["general_ms"] > 0 for r in results)
 
 
 def test_bench_quick_run_measures_every_path_of_every_model(tmp_path: Path) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import logging
 import os
 import shutil
@@ -14,7 +15,8 @@ import torch
 from run_fixtures import digits, make_run, selected_model
 
 from handlers import codec, local
-from handlers.handler import QUIET_METRICS_ENV, GradserveHandler
+from handlers import handler as handler_module
+from handlers.handler import QUIET_METRICS_ENV, RECEIVED_LINE, GradserveHandler
 from handlers.sharedmem import PayloadArea
 from training.package import PackageConfig, package
 
@@ -172,14 +174,16 @@ def test_batchnorm_statistics_do_not_move(handler: GradserveHandler) -> None:
         assert torch.equal(value, before[key]), key
 
 
-def test_behind_the_front_door_no_metric_line_is_printed_per_call(model_dir: Path, monkeypatch: pytest.MonkeyPatch,
-                                                                   caplog: pytest.LogCaptureFixture) -> None:
-    """TorchServe's worker prints a metric line for every call (its PredictionTime, through this logger); the front
-    door's TorchServe drops those lines and says so in the environment, and the handler then has none printed.
-    Under another TorchServe they stay."""
+def test_behind_the_front_door_no_line_is_printed_per_call(model_dir: Path, monkeypatch: pytest.MonkeyPatch,
+                                                            caplog: pytest.LogCaptureFixture) -> None:
+    """TorchServe's worker prints a metric line for every call (its PredictionTime, through this logger) and a line
+    saying it received the call (root logger); the front door's TorchServe drops the metric lines and says so in
+    the environment, and the handler then has neither printed. Under another TorchServe they stay."""
     from ts.metrics.caching_metric import CachingMetric
     from ts.metrics.metric_type_enum import MetricTypes
+    from ts.protocol import otf_message_handler
 
+    assert f'logging.info("{RECEIVED_LINE}"' in inspect.getsource(otf_message_handler.retrieve_msg)  # its own words
     metric = CachingMetric("PredictionTime", "ms", ["ModelName", "Level"], MetricTypes.GAUGE)
     caplog.set_level(logging.INFO)  # as TorchServe's worker logs (its root logger at INFO, to stdout)
     printed = []
@@ -190,10 +194,14 @@ def test_behind_the_front_door_no_metric_line_is_printed_per_call(model_dir: Pat
             GradserveHandler().initialize(context(model_dir))
             caplog.clear()
             metric.add_or_update(1.5, ["digits", "Model"])
-            printed.append([r.getMessage() for r in caplog.records if "[METRICS]PredictionTime" in r.getMessage()])
+            logging.info(RECEIVED_LINE, 1796056812)
+            logging.info("a line of the model's own")
+            printed.append([r.getMessage() for r in caplog.records])
     finally:
         logging.getLogger("ts.metrics").setLevel(logging.NOTSET)
-    assert len(printed[0]) == 1 and printed[1] == []
+        logging.getLogger().removeFilter(handler_module._not_per_call)
+    assert len(printed[0]) == 3 and any("[METRICS]PredictionTime" in line for line in printed[0])
+    assert printed[1] == ["a line of the model's own"]
 
 
 def test_threads_share_the_cores_between_workers(model_dir: Path) -> None:
