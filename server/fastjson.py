@@ -1,7 +1,7 @@
 """An inference request's JSON read by simdjson, each floating-point input's `data` straight into an array.
 
 A JSON request of 256 images of 3x32x32 is 8 MiB of text and 786,432 numbers. Parsed into Python values first
-(pydantic_core) and then into an array (numpy), it cost the front door 51 ms; here simdjson parses the text and
+(pydantic_core) and then into an array (numpy), it cost the front door 46 ms; here simdjson parses the text and
 copies each FP16/FP32/FP64 input's numbers, nested or flat, into a float64 buffer without making a Python object
 per number: 12 ms (`python -m bench.rest_parse`). Everything else in the request is small and becomes plain
 Python values, so the caller checks it as before.
