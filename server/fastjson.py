@@ -8,9 +8,9 @@ Python values, so the caller checks it as before.
 
 `parse` returns None for whatever it does not take (a body that is not a JSON object, JSON's common extensions
 NaN and Infinity, a number out of range, anything invalid): the general parser then reads it, and its answer
-or error is the same as without this module, with one leniency: nested data is flattened in row-major order
-whatever its nesting (ragged lists included, which numpy refuses), and only its element count is checked against
-the shape, by the caller.
+or error is the same as without this module, but for two things: nested data is flattened in row-major order
+whatever its nesting (ragged lists included, which numpy refuses), only its element count being checked against
+the shape, by the caller; and of a key given twice in one object the first counts (the general parser: the last).
 """
 
 from __future__ import annotations

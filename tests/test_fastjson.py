@@ -110,7 +110,7 @@ def test_data_that_is_not_numbers_gets_the_same_error(data: Any, words: str) -> 
 
 
 def test_nested_data_is_flattened_in_row_major_order_whatever_its_nesting() -> None:
-    """The one leniency of the simdjson path: ragged nesting, which numpy refuses, is read when the count fits."""
+    """A leniency of the simdjson path: ragged nesting, which numpy refuses, is read when the count fits."""
     text = body({"name": "input", "datatype": "FP32", "shape": [2, 2], "data": [[1, 2, 3], [4]]})
     assert rest_wire.read_inference(text, None).inputs["input"].tolist() == [[1, 2], [3, 4]]
 
