@@ -182,6 +182,12 @@ class Bench:
         return best
 
 
+# What every server is asked for: the peers answer the logits alone, so the front door (and the handler
+# in-process) is asked for them alone too (it would add probabilities, label and class name). Every model of the
+# bench is a classifier.
+LOGITS = ("logits",)
+
+
 def in_process(archive: Path, seconds: float, batch: np.ndarray) -> dict[str, Any]:
     """The handler against the raw forward (bench/handler_throughput.py, CPU time: cost without interference),
     then the raw ceiling in wall-clock rows/s under the same load as the windows (best over threads and rows
@@ -195,7 +201,7 @@ def in_process(archive: Path, seconds: float, batch: np.ndarray) -> dict[str, An
     threads = torch.get_num_threads()
     model = handler.model  # bench/handler_throughput.py swaps stand-ins into the handler
     try:
-        table: list[dict[str, Any]] | dict[str, str] = handler_throughput.measure(handler, seconds)
+        table: list[dict[str, Any]] | dict[str, str] = handler_throughput.measure(handler, seconds, list(LOGITS))
     except Exception as e:  # noqa: BLE001 - another helper's benchmark: report its failure, measure the rest
         print(f"  bench/handler_throughput.py failed: {type(e).__name__}: {e}", flush=True)
         table = {"error": f"{type(e).__name__}: {e}"}

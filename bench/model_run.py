@@ -22,6 +22,7 @@ from bench import loadgen
 from bench.measure import (
     BATCH_BYTES,
     BY_NAME,
+    LOGITS,
     SCENARIOS,
     Bench,
     BenchConfig,
@@ -37,10 +38,6 @@ from bench.models import BenchModel, sample_rows
 from bench.peer_stacks import Peer, PeerServer, running_peer
 from bench.stacks import FrontDoor, running_front_door, running_torchserve
 from handlers.manifest import Manifest
-
-# What every server is asked for: the peers answer the logits alone, so the front door is asked for them alone
-# too (it would add probabilities, label and class name). Every model of the bench is a classifier.
-LOGITS = ("logits",)
 
 
 @dataclass(frozen=True)

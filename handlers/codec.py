@@ -4,7 +4,8 @@ One message carries named tensors as raw little-endian bytes, or one error:
 
     b"GSv1" | u32 header length (LE) | JSON header | tensor bytes, back to back
 
-The header lists each tensor's name, Open Inference Protocol datatype, shape, offset and byte count,
+The header lists each tensor's name, Open Inference Protocol datatype, shape, offset and byte count (and, in a
+request, optionally "outputs": the names of the outputs wanted, so the handler computes and returns only those),
 or holds {"error": {"code": ..., "message": ...}}, or {"ref": {"path": ..., "nbytes": ...}}: the message itself is
 in that file (a large request the front door passed by shared memory, handlers/sharedmem.py). Decoding a numeric
 tensor makes no copy: the array is a view on the message. A BYTES tensor (in Python an object array of `bytes`,
@@ -19,7 +20,7 @@ from __future__ import annotations
 import json
 import math
 import struct
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -75,6 +76,7 @@ class Message:
     tensors: dict[str, np.ndarray] = field(default_factory=dict)
     error: WireError | None = None
     ref: Ref | None = None
+    outputs: tuple[str, ...] | None = None  # a request's wanted outputs; None: all of them
 
 
 def datatype_of(dtype: np.dtype) -> str:
@@ -138,12 +140,13 @@ def deserialize_bytes(data: bytes | bytearray | memoryview, count: int) -> np.nd
     return out
 
 
-def encode(tensors: Mapping[str, np.ndarray]) -> bytes:
-    return b"".join(encode_parts(tensors))
+def encode(tensors: Mapping[str, np.ndarray], outputs: Sequence[str] | None = None) -> bytes:
+    return b"".join(encode_parts(tensors, outputs))
 
 
-def encode_parts(tensors: Mapping[str, np.ndarray]) -> list[bytes | np.ndarray]:
-    """The message as buffers to write back to back (the tensors' bytes not copied)."""
+def encode_parts(tensors: Mapping[str, np.ndarray], outputs: Sequence[str] | None = None) -> list[bytes | np.ndarray]:
+    """The message as buffers to write back to back (the tensors' bytes not copied); `outputs`: a request's
+    wanted outputs (None: all)."""
     entries, chunks, offset = [], [], 0
     for name, array in tensors.items():
         array = np.asarray(array)
@@ -157,7 +160,10 @@ def encode_parts(tensors: Mapping[str, np.ndarray]) -> list[bytes | np.ndarray]:
         )
         chunks.append(data)
         offset += len(data)
-    return _frame({"tensors": entries}, chunks)
+    header: dict = {"tensors": entries}
+    if outputs is not None:
+        header["outputs"] = list(outputs)
+    return _frame(header, chunks)
 
 
 def encode_error(code: str, message: str) -> bytes:
@@ -201,8 +207,12 @@ def decode(data: bytes | bytearray | memoryview) -> Message:
     if not isinstance(entries, list) or not all(isinstance(e, dict) and isinstance(e.get("name"), str)
                                                 for e in entries):
         raise CodecError("payload header's tensors must be a list of objects, each with a name")
+    outputs = header.get("outputs")
+    if outputs is not None and not (isinstance(outputs, list) and all(isinstance(o, str) for o in outputs)):
+        raise CodecError("payload header's outputs must be a list of output names")
     body = view[body_start:]
-    return Message(tensors={entry["name"]: _tensor(body, entry) for entry in entries})
+    return Message(tensors={entry["name"]: _tensor(body, entry) for entry in entries},
+                   outputs=None if outputs is None else tuple(outputs))
 
 
 def _tensor(body: memoryview, entry: dict) -> np.ndarray:

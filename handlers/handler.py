@@ -39,9 +39,12 @@ QUIET_METRICS_ENV = "GRADSERVE_QUIET_WORKER_METRICS"
 # worker's stdout and writes it to model_log.log.
 RECEIVED_LINE = "Backend received inference at: %d"
 
-# A request is either its validated input rows (the model's input tensor, unstandardised) or the error payload
-# that answers it.
-Parsed = np.ndarray | bytes
+
+# A request is either its rows and the outputs it wants (the model's input tensor, unstandardised; None: all
+# outputs), or the error payload that answers it. No class of our own here: TorchServe refuses a handler module
+# with more than one.
+Rows = tuple[np.ndarray, tuple[str, ...] | None]
+Parsed = Rows | bytes
 
 
 class GradserveHandler(BaseHandler):
@@ -83,23 +86,27 @@ class GradserveHandler(BaseHandler):
     def handle(self, data: list[dict[str, Any]], context: Any) -> list[bytes]:
         self.context = context
         parsed = self.preprocess(data)
-        rows = [p for p in parsed if isinstance(p, np.ndarray)]
+        rows = [p for p in parsed if isinstance(p, tuple)]
         if not self.batch_sizes[len(data)]:  # a line per new batch size, not per request
             logger.info("gradserve batch: first call with %d requests (%d rows)", len(data),
-                        sum(len(r) for r in rows))
+                        sum(len(x) for x, _ in rows))
         self.batch_sizes[len(data)] += 1
         if not rows:
             return [p for p in parsed if isinstance(p, bytes)]
-        x = torch.from_numpy(np.concatenate(rows))  # (N, *in_shape): the one copy of the inputs
-        answers = iter(self.postprocess(self.inference(x), [len(r) for r in rows]))
-        return [next(answers) if isinstance(p, np.ndarray) else p for p in parsed]
+        x = torch.from_numpy(np.concatenate([x for x, _ in rows]))  # (N, *in_shape): the one copy of the inputs
+        wants = [outputs for _, outputs in rows]
+        wanted = None if None in wants else sorted({name for outputs in wants for name in outputs or ()})
+        answers = iter(self.postprocess(self.inference(x, wanted), [len(x) for x, _ in rows]))
+        return [next(answers) if isinstance(p, tuple) else p for p in parsed]
 
     def preprocess(self, data: list[dict[str, Any]]) -> list[Parsed]:
         return [self._parse(request) for request in data]
 
-    def inference(self, data: torch.Tensor, *args: Any, **kwargs: Any) -> dict[str, torch.Tensor | np.ndarray]:
-        """The model's outputs for the task: classification logits/label/probabilities/class_name (and every
-        extra head of a multi-task model by its name); regression `prediction` in the targets' own units."""
+    def inference(self, data: torch.Tensor, outputs: Sequence[str] | None = None, *args: Any,
+                  **kwargs: Any) -> dict[str, torch.Tensor | np.ndarray]:
+        """The model's outputs for the task, those of `outputs` only (None, or no name the model has: all):
+        classification logits/label/probabilities/class_name (and every extra head of a multi-task model by its
+        name); regression `prediction` in the targets' own units."""
         self.threads.use(len(data))
         with torch.inference_mode():
             x = self.transform.standardize(data.to(self.device, non_blocking=True))
@@ -108,8 +115,11 @@ class GradserveHandler(BaseHandler):
             if self.manifest.task == "regression":
                 return {"prediction": self.transform.unstandardize_target(out.float())}
             label = out.argmax(dim=1)
-            return {"logits": out, "label": label, "probabilities": out.softmax(dim=1),
-                    "class_name": self.class_names[label.cpu().numpy()], **heads}
+            every = {"logits": lambda: out, "label": lambda: label, "probabilities": lambda: out.softmax(dim=1),
+                     "class_name": lambda: self.class_names[label.cpu().numpy()],
+                     **{name: (lambda head=head: head) for name, head in heads.items()}}
+            wanted = set(every) & set(outputs or ()) or set(every)
+            return {name: make() for name, make in every.items() if name in wanted}
 
     def _forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         """Every head's output (a multi-task model's forward_all), in chunks of the archive's forward_rows, the
@@ -136,7 +146,7 @@ class GradserveHandler(BaseHandler):
             if message.ref is not None:  # a large request the front door left in shared memory
                 message = codec.decode(sharedmem.load(message.ref.path, message.ref.nbytes))
             name, x = validate_rows(self.manifest, message.tensors)
-            return self._images(x) if name == "image" else x
+            return self._images(x) if name == "image" else x, message.outputs
         except (codec.CodecError, sharedmem.PayloadRefError, InvalidRows, ImageError) as e:
             return _invalid(str(e))
 

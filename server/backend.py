@@ -170,7 +170,8 @@ class Backend:
         try:
             with self._models.in_flight(loaded):
                 async with asyncio.timeout(timeout):
-                    result = await self._coalescer(loaded, input_name).submit(rows, loop.time() + timeout)
+                    result = await self._coalescer(loaded, input_name).submit(rows, loop.time() + timeout,
+                                                                              frozenset(wanted))
         except TimeoutError:
             raise DeadlineExceeded(f"no answer within the deadline of {timeout:.3f} s") from None
         finally:
@@ -186,8 +187,11 @@ class Backend:
                 c.max_calls, functools.partial(self._observe, loaded.archive.name))
         return self._coalescers[key]
 
-    async def _predict(self, loaded: Version, input_name: str, rows: np.ndarray, deadline: float) -> Outputs:
-        parts = codec.encode_parts({input_name: rows})
+    async def _predict(self, loaded: Version, input_name: str, rows: np.ndarray, deadline: float,
+                       outputs: frozenset[str]) -> Outputs:
+        """The handler's outputs for `rows`: those of `outputs` (empty: all) from a handler that reads the request's
+        wanted outputs, all of them from an older one."""
+        parts = codec.encode_parts({input_name: rows}, sorted(outputs) if outputs else None)
         placed = None
         if (self._payloads is not None and loaded.manifest.payload_refs
                 and sum(memoryview(p).nbytes for p in parts) >= self._payloads.min_bytes):

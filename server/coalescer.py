@@ -7,7 +7,8 @@ callers that arrive together pays it once per group. The rules:
   never waits for company.
 - Otherwise it queues; the queue leaves as one call when a call finishes, when it holds `max_rows` rows,
   or when its oldest request has waited `max_delay_s`, whichever comes first.
-- Each caller gets exactly its own rows back. If a group fails because of bad input (which validation at
+- A call asks the handler for the outputs any of its members wants (the union), and each caller gets exactly its
+  own rows back. If a group fails because of bad input (which validation at
   the door should have caught), each member is retried alone so that only the culprit sees the error;
   failures of the backend itself (down, deadline) reach every member of the group.
 """
@@ -24,14 +25,16 @@ import numpy as np
 from server.errors import InvalidInput, Unavailable
 
 Outputs = dict[str, np.ndarray]
-# (rows, deadline on the loop's clock) -> outputs whose first dimension is the number of rows
-Call = Callable[[np.ndarray, float], Awaitable[Outputs]]
+# (rows, deadline on the loop's clock, the outputs wanted; empty: all) -> outputs whose first dimension is the
+# number of rows
+Call = Callable[[np.ndarray, float, frozenset[str]], Awaitable[Outputs]]
 
 
 @dataclass
 class _Pending:
     rows: np.ndarray
     deadline: float
+    outputs: frozenset[str]  # empty: all
     future: asyncio.Future[Outputs]
 
 
@@ -51,11 +54,12 @@ class Coalescer:
         self._timer: asyncio.TimerHandle | None = None
         self._tasks: set[asyncio.Task[None]] = set()
 
-    async def submit(self, rows: np.ndarray, deadline: float) -> Outputs:
+    async def submit(self, rows: np.ndarray, deadline: float, outputs: frozenset[str] = frozenset()) -> Outputs:
+        """`rows`' outputs (at least those of `outputs`; empty: all), by `deadline` on the loop's clock."""
         if self._max_rows <= 1 or len(rows) >= self._max_rows:
-            return await self._send(rows, deadline)  # already a full group
+            return await self._send(rows, deadline, outputs)  # already a full group
         future: asyncio.Future[Outputs] = asyncio.get_running_loop().create_future()
-        self._queue.append(_Pending(rows, deadline, future))
+        self._queue.append(_Pending(rows, deadline, outputs, future))
         self._queued_rows += len(rows)
         self._pump()
         return await future  # cancelling the caller cancels only its future, never the group
@@ -100,8 +104,9 @@ class Coalescer:
 
     async def _answer(self, group: list[_Pending]) -> None:
         rows = group[0].rows if len(group) == 1 else np.concatenate([p.rows for p in group])  # (N, ...)
+        wanted = frozenset() if any(not p.outputs for p in group) else frozenset().union(*(p.outputs for p in group))
         try:
-            outputs = await self._send(rows, max(p.deadline for p in group))
+            outputs = await self._send(rows, max(p.deadline for p in group), wanted)
         except InvalidInput as e:
             if len(group) == 1:
                 _fail(group[0], e)
@@ -124,9 +129,9 @@ class Coalescer:
                 p.future.set_result({name: out[start:stop] for name, out in outputs.items()})
             start = stop
 
-    async def _send(self, rows: np.ndarray, deadline: float) -> Outputs:
+    async def _send(self, rows: np.ndarray, deadline: float, wanted: frozenset[str]) -> Outputs:
         self._observe(len(rows))
-        outputs = await self._call(rows, deadline)
+        outputs = await self._call(rows, deadline, wanted)
         for name, out in outputs.items():
             if len(out) != len(rows):
                 raise RuntimeError(f"backend returned {len(out)} rows of {name!r} for {len(rows)} input rows")

@@ -117,6 +117,13 @@ def test_parts_join_to_the_message_and_refs_round_trip() -> None:
         "/dev/shm/gradserve-payloads-1-x/0", 96)
 
 
+def test_a_request_names_the_outputs_it_wants() -> None:
+    x = {"input": np.zeros((2, 3), dtype=np.float32)}
+    assert codec.decode(codec.encode(x)).outputs is None  # all of them
+    assert codec.decode(codec.encode(x, ["label", "logits"])).outputs == ("label", "logits")
+    assert b"".join(codec.encode_parts(x, [])) == codec.encode(x, [])
+
+
 def test_errors_round_trip() -> None:
     error = codec.decode(codec.encode_error(codec.INVALID_ARGUMENT, "bad row")).error
     assert error == codec.WireError(codec.INVALID_ARGUMENT, "bad row")
@@ -127,6 +134,7 @@ def test_errors_round_trip() -> None:
     {"tensors": [{"name": "x", "datatype": "FP32", "shape": [1], "offset": "0", "nbytes": 4}]},
     {"tensors": [{"name": "x", "datatype": "FP99", "shape": [1], "offset": 0, "nbytes": 4}]},
     {"error": "boom"}, {"ref": "/dev/shm/x"}, {"ref": {"path": "/dev/shm/x", "nbytes": "9"}}, {"ref": {"nbytes": 9}},
+    {"tensors": [], "outputs": "label"}, {"tensors": [], "outputs": [1]},
 ])
 def test_a_malformed_header_is_a_codec_error(header: dict) -> None:
     head = json.dumps(header).encode()

@@ -89,6 +89,7 @@ class FakeTorchServe:
     def __init__(self, delay: float = 0.0, fail: Exception | None = None) -> None:
         self.delay, self.fail, self.calls = delay, fail, []
         self.payloads: list[str] = []  # per call: inline or shared_memory
+        self.outputs: list[tuple[str, ...] | None] = []  # per call: the outputs the request asked the handler for
         self._ready = True
         self._listeners: list = []
 
@@ -111,6 +112,7 @@ class FakeTorchServe:
         tensors = message.tensors
         ((_, rows),) = tensors.items()
         self.calls.append(len(rows))
+        self.outputs.append(message.outputs)
         await asyncio.sleep(self.delay)
         if self.fail is not None:
             raise self.fail
@@ -392,7 +394,7 @@ def test_large_calls_go_through_shared_memory_to_handlers_that_read_it_and_leave
 def test_coalescer_groups_concurrent_rows_and_gives_each_caller_its_own() -> None:
     calls: list[int] = []
 
-    async def call(rows: np.ndarray, deadline: float) -> dict[str, np.ndarray]:
+    async def call(rows: np.ndarray, deadline: float, outputs: frozenset[str]) -> dict[str, np.ndarray]:
         calls.append(len(rows))
         await asyncio.sleep(0.01)
         return {"y": rows * 10}
@@ -408,8 +410,43 @@ def test_coalescer_groups_concurrent_rows_and_gives_each_caller_its_own() -> Non
     asyncio.run(main())
 
 
+def test_a_group_asks_for_the_outputs_any_member_wants() -> None:
+    asked: list[frozenset[str]] = []
+
+    async def call(rows: np.ndarray, deadline: float, outputs: frozenset[str]) -> dict[str, np.ndarray]:
+        asked.append(outputs)
+        await asyncio.sleep(0.01)
+        return {"a": rows, "b": rows + 1}
+
+    async def group(*wants: frozenset[str]) -> frozenset[str]:
+        asked.clear()
+        coalescer = Coalescer(call, max_rows=64, max_delay_s=0.005, max_calls=1)
+        blocker = asyncio.create_task(coalescer.submit(np.zeros((1, 2)), 1e9, frozenset({"z"})))  # holds the call
+        await asyncio.sleep(0.001)
+        await asyncio.gather(blocker, *(coalescer.submit(np.zeros((1, 2)), 1e9, w) for w in wants))
+        assert len(asked) == 2  # the blocker's call, then one for the group
+        return asked[1]
+
+    assert asyncio.run(group(frozenset({"a"}), frozenset({"b"}), frozenset({"a"}))) == {"a", "b"}
+    assert asyncio.run(group(frozenset({"a"}), frozenset())) == frozenset()  # a member wants all of them
+
+
+def test_the_handler_is_asked_for_the_requested_outputs_only() -> None:
+    async def main() -> FakeTorchServe:
+        backend, torchserve = fake_backend(ServeConfig())
+        x = np.full((1, 1, 8, 8), 0.5, np.float32)
+        _, outputs = await backend.infer("digits", "", {"input": x}, ["label"])
+        assert list(outputs) == ["label"]
+        await backend.infer("digits", "", {"input": x})
+        return torchserve
+
+    torchserve = asyncio.run(main())
+    assert torchserve.outputs[0] == ("label",)
+    assert set(torchserve.outputs[1] or ()) == set(Manifest.from_dict(MANIFEST).output_names())
+
+
 def test_a_lone_request_does_not_wait_for_company() -> None:
-    async def call(rows: np.ndarray, deadline: float) -> dict[str, np.ndarray]:
+    async def call(rows: np.ndarray, deadline: float, outputs: frozenset[str]) -> dict[str, np.ndarray]:
         return {"y": rows}
 
     async def main() -> float:
@@ -423,7 +460,7 @@ def test_a_lone_request_does_not_wait_for_company() -> None:
 
 
 def test_a_cancelled_group_call_answers_its_members_unavailable() -> None:
-    async def call(rows: np.ndarray, deadline: float) -> dict[str, np.ndarray]:
+    async def call(rows: np.ndarray, deadline: float, outputs: frozenset[str]) -> dict[str, np.ndarray]:
         await asyncio.sleep(30)
         return {"y": rows}
 

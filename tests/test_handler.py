@@ -59,6 +59,12 @@ def expected(model: torch.nn.Module, x: np.ndarray) -> np.ndarray:
         return model(torch.from_numpy(x)).numpy()
 
 
+def test_the_handler_module_holds_one_class_as_torchserve_requires() -> None:
+    from ts.utils.util import list_classes_from_module
+
+    assert list_classes_from_module(handler_module) == [GradserveHandler]
+
+
 def test_model_is_in_eval_mode(handler: GradserveHandler) -> None:
     assert not any(m.training for m in handler.model.modules())
     assert handler.device == torch.device("cpu")
@@ -123,6 +129,29 @@ def test_a_request_in_shared_memory_is_answered_as_if_inline(handler: GradserveH
     error = codec.decode(responses[1]).error
     assert error is not None and error.code == codec.INVALID_ARGUMENT and "cannot be opened" in error.message
     np.testing.assert_allclose(codec.decode(responses[2]).tensors["logits"], expected(reference, x[:3]), atol=1e-5)
+
+
+def test_only_the_outputs_a_request_asks_for_are_computed_and_returned(handler: GradserveHandler,
+                                                                        reference: torch.nn.Module) -> None:
+    """The front door names the outputs its callers want; the requests of one call get what any of them wants;
+    none named (or none the model has): all of them."""
+    x = digits()[0][:3]
+    every = set(handler.manifest.output_names())
+
+    def answer(*wants: list[str] | None) -> list[dict[str, np.ndarray]]:
+        data = [{"data": codec.encode({"input": x}, want)} for want in wants]
+        return [codec.decode(r).tensors for r in handler.handle(data, context(Path()))]
+
+    (only,) = answer(["logits"])
+    assert list(only) == ["logits"]
+    np.testing.assert_allclose(only["logits"], expected(reference, x), rtol=1e-5, atol=1e-5)
+    (by_name,) = answer(["class_name", "label"])
+    assert set(by_name) == {"label", "class_name"}
+    assert by_name["class_name"].tolist() == [str(v).encode() for v in by_name["label"]]
+    assert all(set(out) == {"logits", "probabilities"} for out in answer(["logits"], ["probabilities"]))
+    assert all(set(out) == every for out in answer(["logits"], None))
+    assert set(answer(["no-such-output"])[0]) == every
+    assert set(answer([])[0]) == every
 
 
 def test_a_batch_of_only_bad_requests(handler: GradserveHandler) -> None:
