@@ -86,17 +86,17 @@ class GradserveHandler(BaseHandler):
     def handle(self, data: list[dict[str, Any]], context: Any) -> list[bytes]:
         self.context = context
         parsed = self.preprocess(data)
-        rows = [p for p in parsed if isinstance(p, tuple)]
+        valid = [p for p in parsed if isinstance(p, tuple)]
         if not self.batch_sizes[len(data)]:  # a line per new batch size, not per request
             logger.info("gradserve batch: first call with %d requests (%d rows)", len(data),
-                        sum(len(x) for x, _ in rows))
+                        sum(len(rows) for rows, _ in valid))
         self.batch_sizes[len(data)] += 1
-        if not rows:
+        if not valid:
             return [p for p in parsed if isinstance(p, bytes)]
-        x = torch.from_numpy(np.concatenate([x for x, _ in rows]))  # (N, *in_shape): the one copy of the inputs
-        wants = [outputs for _, outputs in rows]
+        x = torch.from_numpy(np.concatenate([rows for rows, _ in valid]))  # (N, *in_shape): the one copy of the inputs
+        wants = [outputs for _, outputs in valid]  # the call computes what any of its requests wants
         wanted = None if None in wants else sorted({name for outputs in wants for name in outputs or ()})
-        answers = iter(self.postprocess(self.inference(x, wanted), [len(x) for x, _ in rows]))
+        answers = iter(self.postprocess(self.inference(x, wanted), [len(rows) for rows, _ in valid]))
         return [next(answers) if isinstance(p, tuple) else p for p in parsed]
 
     def preprocess(self, data: list[dict[str, Any]]) -> list[Parsed]:

@@ -8,9 +8,9 @@ callers that arrive together pays it once per group. The rules:
 - Otherwise it queues; the queue leaves as one call when a call finishes, when it holds `max_rows` rows,
   or when its oldest request has waited `max_delay_s`, whichever comes first.
 - A call asks the handler for the outputs any of its members wants (the union), and each caller gets exactly its
-  own rows back. If a group fails because of bad input (which validation at
-  the door should have caught), each member is retried alone so that only the culprit sees the error;
-  failures of the backend itself (down, deadline) reach every member of the group.
+  own rows back. If a group fails because of bad input (which validation at the door should have caught), each
+  member is retried alone so that only the culprit sees the error; failures of the backend itself (down,
+  deadline) reach every member of the group.
 """
 
 from __future__ import annotations
