@@ -3,9 +3,10 @@
     .venv/bin/python -m bench.handler_throughput [--archive model_store/digits.mar] [--seconds 3] [--threads 1]
                                                  [--outputs logits]
 
-"handler" is `handle()` on one request carrying all the rows (decode, validate, concatenate, forward,
-the outputs asked for (--outputs; all by default: softmax, argmax, class names), split, encode). "overhead" is the same call with the forward pass replaced by precomputed
-logits, i.e. the handler's own cost; the second ratio, raw / (raw + overhead), is steadier on a noisy box.
+"handler" is `handle()` on one request carrying all the rows (decode, validate, concatenate, forward, the
+outputs asked for (--outputs; by default all: softmax, argmax, class names), split, encode). "overhead" is the
+same call with the forward pass replaced by precomputed logits, i.e. the handler's own cost; the second ratio,
+raw / (raw + overhead), is steadier on a noisy box.
 The three paths alternate in short chunks timed in process CPU time and each keeps its fastest chunk, so
 noise from other processes hits none of them. Without --archive a freshly initialised digits model is used
 (the weights do not change the cost). Target: ratio >= 0.9 at 64 rows.
