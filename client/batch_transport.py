@@ -48,6 +48,11 @@ class Transport(Protocol):
     async def close(self) -> None: ...
 
 
+def wanted(contract: ModelContract) -> tuple[str, ...]:
+    """The outputs a job asks for, served or local: what `answer` reads (the handler computes nothing else)."""
+    return ("prediction",) if contract.task == "regression" else ("logits", "class_name")
+
+
 def answer(contract: ModelContract, outputs: dict[str, np.ndarray]) -> Answer:
     if contract.task == "regression":
         return Answer(np.asarray(outputs["prediction"], dtype=np.float32))
@@ -69,8 +74,8 @@ class GrpcTransport:
         return self
 
     async def infer(self, input_name: str, rows: np.ndarray) -> Answer:
-        wanted = ("prediction",) if self.contract.task == "regression" else ("logits", "class_name")
-        outputs = await _rejecting(self._client.infer(self._model, rows, outputs=wanted, input_name=input_name))
+        outputs = await _rejecting(self._client.infer(self._model, rows, outputs=wanted(self.contract),
+                                                      input_name=input_name))
         return answer(self.contract, outputs)
 
     async def close(self) -> None:
@@ -95,7 +100,8 @@ class LocalTransport:
 
     async def infer(self, input_name: str, rows: np.ndarray) -> Answer:
         data = rows if input_name == "image" else np.ascontiguousarray(rows, dtype=np.float32)
-        (reply,) = await asyncio.to_thread(self._model.handle, [codec.encode({input_name: data})])
+        request = codec.encode({input_name: data}, wanted(self.contract))
+        (reply,) = await asyncio.to_thread(self._model.handle, [request])
         message = codec.decode(reply)
         if message.error is not None:
             raise Rejected(message.error.code, message.error.message)

@@ -22,6 +22,7 @@ from torchserve_fixtures import packaged_store
 from client import batch
 from client.batch_transport import LocalTransport
 from gradserve.errors import UsageError
+from handlers import codec
 
 ROWS = 10_000
 
@@ -74,6 +75,28 @@ def reference_logits(archive: Path, rows: np.ndarray) -> np.ndarray:
             await transport.close()
 
     return asyncio.run(go())
+
+
+def test_a_local_job_asks_the_handler_for_what_it_writes_only(archive: Path, rows: np.ndarray) -> None:
+    """As a served job asks the front door: the handler computes nothing the job's output does not hold."""
+    async def go() -> list[tuple[str, ...] | None]:
+        transport = LocalTransport(archive)
+        asked: list[tuple[str, ...] | None] = []
+        handle = transport._model.handle
+
+        def spy(payloads: list[bytes]) -> list[bytes]:
+            asked.extend(codec.decode(p).outputs for p in payloads)
+            return handle(payloads)
+
+        transport._model.handle = spy  # type: ignore[method-assign]
+        try:
+            answer = await transport.infer("input", rows[:3])
+            assert answer.values.shape == (3, 10) and len(answer.names) == 3
+        finally:
+            await transport.close()
+        return asked
+
+    assert asyncio.run(go()) == [("logits", "class_name")]
 
 
 def read_jsonl(path: Path) -> list[dict]:
