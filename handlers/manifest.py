@@ -185,24 +185,27 @@ def validate_rows(manifest: Manifest, tensors: Mapping[str, np.ndarray],
     A BYTES input is a 1-D object array of non-empty `bytes` (one encoded file per row), checked here for its
     form only: the handler decodes it."""
     limit = min(manifest.max_rows, max_rows or manifest.max_rows)
-    choices = " or ".join(s.describe() for s in manifest.inputs)
-    expected = f"{'one' if len(manifest.inputs) == 1 else 'exactly one of'} {choices}, with 1 <= n <= {limit}"
-    expected += " and finite values" if any(s.datatype != "BYTES" for s in manifest.inputs) else ""
+
+    def refused(got: str) -> InvalidRows:  # the message is built only for a request that is refused
+        choices = " or ".join(s.describe() for s in manifest.inputs)
+        expected = f"{'one' if len(manifest.inputs) == 1 else 'exactly one of'} {choices}, with 1 <= n <= {limit}"
+        expected += " and finite values" if any(s.datatype != "BYTES" for s in manifest.inputs) else ""
+        return InvalidRows(f"model {manifest.name!r} takes {expected}; {got}")
+
     specs = {s.name: s for s in manifest.inputs}
     if len(tensors) != 1 or next(iter(tensors)) not in specs:
-        raise InvalidRows(f"model {manifest.name!r} takes {expected}; got tensors {sorted(tensors)}")
+        raise refused(f"got tensors {sorted(tensors)}")
     ((name, x),) = tensors.items()
     spec = specs[name]
     dtype = np.dtype(object) if spec.datatype == "BYTES" else codec.DATATYPES.get(spec.datatype)
     if x.dtype != dtype or x.ndim != len(spec.shape) or x.shape[1:] != spec.row_shape:
-        raise InvalidRows(f"model {manifest.name!r} takes {expected}; got {_datatype(x.dtype)} {list(x.shape)}")
+        raise refused(f"got {_datatype(x.dtype)} {list(x.shape)}")
     if not 1 <= len(x) <= limit:
-        raise InvalidRows(f"model {manifest.name!r} takes {expected}; got n = {len(x)}")
+        raise refused(f"got n = {len(x)}")
     if x.dtype.kind == "f" and not np.isfinite(x).all():
-        raise InvalidRows(f"model {manifest.name!r} takes {expected}; got NaN or infinite values")
+        raise refused("got NaN or infinite values")
     if x.dtype == object and not all(isinstance(v, bytes) and v for v in x):
-        raise InvalidRows(f"model {manifest.name!r} takes {expected}; input {name!r} has an empty element or one "
-                          "that is not bytes")
+        raise refused(f"input {name!r} has an empty element or one that is not bytes")
     return name, x
 
 
