@@ -51,8 +51,8 @@ def _parse(parser: simdjson.Parser, text: bytes) -> dict[str, Any] | None:
             return None
         # keys, then each value by its key: items() would turn the whole data array into Python values
         return {key: _inputs(document[key]) if key == "inputs" else _plain(document[key]) for key in document}
-    except (ValueError, TypeError, RuntimeError):  # invalid JSON, NaN, too deep, not UTF-8: the general path says
-        return None
+    except Exception:  # noqa: BLE001 - invalid JSON, NaN, too deep, not UTF-8, a key simdjson cannot look up
+        return None  # (one with a NUL character), anything else: the general parser reads it and says what is wrong
 
 
 def _inputs(entries: Any) -> Any:
