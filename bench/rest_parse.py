@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 from unittest import mock
@@ -37,39 +38,41 @@ def general(body: bytes) -> Inference:
         return read_inference(body, None)
 
 
-def measure(seconds: float) -> list[dict[str, Any]]:
+def cases() -> Iterator[tuple[str, int, np.ndarray]]:
+    """(model, rows, the rows) for each input shape of the bench's models and each row count."""
     rng = np.random.default_rng(0)
-    table = []
     for model, shape in SHAPES.items():
         for rows in ROWS:
-            x = rng.random((rows, *shape), dtype=np.float32)
-            body, _ = OipRest("", None, model).payload(x)
-            if not np.array_equal(read_inference(body, None).inputs["input"], general(body).inputs["input"]):
-                raise AssertionError(f"{model} {rows} rows: the two parsers disagree")
-            best = best_seconds_per_call({"simdjson": lambda body=body: read_inference(body, None),
-                                          "general": lambda body=body: general(body)}, seconds)
-            table.append({"model": model, "rows": rows, "body_bytes": len(body),
-                          "simdjson_ms": best["simdjson"] * 1e3, "general_ms": best["general"] * 1e3,
-                          "speedup": best["general"] / best["simdjson"]})
+            yield model, rows, rng.random((rows, *shape), dtype=np.float32)
+
+
+def measure(seconds: float) -> list[dict[str, Any]]:
+    table = []
+    for model, rows, x in cases():
+        body, _ = OipRest("", None, model).payload(x)
+        if not np.array_equal(read_inference(body, None).inputs["input"], general(body).inputs["input"]):
+            raise AssertionError(f"{model} {rows} rows: the two parsers disagree")
+        best = best_seconds_per_call({"simdjson": lambda body=body: read_inference(body, None),
+                                      "general": lambda body=body: general(body)}, seconds)
+        table.append({"model": model, "rows": rows, "body_bytes": len(body),
+                      "simdjson_ms": best["simdjson"] * 1e3, "general_ms": best["general"] * 1e3,
+                      "speedup": best["general"] / best["simdjson"]})
     return table
 
 
 def measure_typed(seconds: float) -> list[dict[str, Any]]:
     """gRPC typed contents (`contents.fp32_contents`), as clients that do not use raw_input_contents send them."""
-    rng = np.random.default_rng(0)
     table = []
-    for model, shape in SHAPES.items():
-        for rows in ROWS:
-            x = rng.random((rows, *shape), dtype=np.float32)
-            tensor = pb.ModelInferRequest.InferInputTensor(name="input", datatype="FP32", shape=x.shape)
-            tensor.contents.fp32_contents.extend(x.ravel())
-            if not np.array_equal(decode_input(tensor, None), x):
-                raise AssertionError(f"{model} {rows} rows: typed contents read wrong")
-            best = best_seconds_per_call({
-                "wire": lambda tensor=tensor: decode_input(tensor, None),
-                "elements": lambda tensor=tensor: np.asarray(tensor.contents.fp32_contents, dtype=np.float32)}, seconds)
-            table.append({"model": model, "rows": rows, "values": x.size, "wire_ms": best["wire"] * 1e3,
-                          "elements_ms": best["elements"] * 1e3, "speedup": best["elements"] / best["wire"]})
+    for model, rows, x in cases():
+        tensor = pb.ModelInferRequest.InferInputTensor(name="input", datatype="FP32", shape=x.shape)
+        tensor.contents.fp32_contents.extend(x.ravel())
+        if not np.array_equal(decode_input(tensor, None), x):
+            raise AssertionError(f"{model} {rows} rows: typed contents read wrong")
+        best = best_seconds_per_call({
+            "wire": lambda tensor=tensor: decode_input(tensor, None),
+            "elements": lambda tensor=tensor: np.asarray(tensor.contents.fp32_contents, dtype=np.float32)}, seconds)
+        table.append({"model": model, "rows": rows, "values": x.size, "wire_ms": best["wire"] * 1e3,
+                      "elements_ms": best["elements"] * 1e3, "speedup": best["elements"] / best["wire"]})
     return table
 
 
