@@ -201,16 +201,16 @@ def decode_input(tensor: pb.ModelInferRequest.InferInputTensor, raw: bytes | Non
     if field is None:
         raise InvalidInput(f"input {tensor.name!r}: {tensor.datatype} has no typed contents field; "
                            "send it in raw_input_contents")
-    values = _wire_floats(tensor.contents, field, WIRE_FLOATS[tensor.datatype]) if (
-        tensor.datatype in WIRE_FLOATS) else None
+    values = _wire_floats(tensor.contents, field, tensor.datatype)
     return oip.from_values(tensor.name, tensor.datatype, tensor.shape,
                            getattr(tensor.contents, field) if values is None else values, f"contents.{field}")
 
 
-def _wire_floats(contents: pb.InferTensorContents, field: str, dtype: str) -> np.ndarray | None:
-    """Typed float contents as an array straight from their wire bytes (786,432 of them: 0.2 ms, against 45 ms
-    element by element); None when the contents hold anything else, or nothing."""
-    fields = contents.ListFields()
+def _wire_floats(contents: pb.InferTensorContents, field: str, datatype: str) -> np.ndarray | None:
+    """Typed FP32/FP64 contents as an array straight from their wire bytes (786,432 of them: 0.2 ms, against 45 ms
+    element by element); None for another datatype, or when the contents hold anything else, or nothing."""
+    dtype = WIRE_FLOATS.get(datatype)
+    fields = contents.ListFields() if dtype is not None else ()
     if len(fields) != 1 or fields[0][0].name != field:
         return None
     wire = contents.SerializeToString()  # this one field: its tag, its byte length, its values

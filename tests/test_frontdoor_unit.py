@@ -619,7 +619,7 @@ def test_typed_float_contents_are_read_from_their_wire_bytes(datatype: str, coun
     tensor = pb.ModelInferRequest.InferInputTensor(name="input", datatype=datatype, shape=[count])
     field = grpc_servicer.CONTENTS_FIELD[datatype]
     getattr(tensor.contents, field).extend(x)
-    got = grpc_servicer._wire_floats(tensor.contents, field, grpc_servicer.WIRE_FLOATS[datatype])
+    got = grpc_servicer._wire_floats(tensor.contents, field, datatype)
     assert got is not None and got.dtype == dtype
     assert got.tobytes() == x.tobytes()
     assert grpc_servicer.decode_input(tensor, None).tobytes() == x.tobytes()
@@ -627,10 +627,10 @@ def test_typed_float_contents_are_read_from_their_wire_bytes(datatype: str, coun
 
 def test_typed_float_contents_with_other_fields_or_none_are_read_element_by_element() -> None:
     tensor = pb.ModelInferRequest.InferInputTensor(name="input", datatype="FP32", shape=[2])
-    assert grpc_servicer._wire_floats(tensor.contents, "fp32_contents", "<f4") is None  # nothing set
+    assert grpc_servicer._wire_floats(tensor.contents, "fp32_contents", "FP32") is None  # nothing set
     tensor.contents.fp32_contents.extend([1.5, 2.5])
     tensor.contents.int_contents.extend([7])  # a client's mistake: the FP32 field is what counts, as before
-    assert grpc_servicer._wire_floats(tensor.contents, "fp32_contents", "<f4") is None
+    assert grpc_servicer._wire_floats(tensor.contents, "fp32_contents", "FP32") is None
     assert grpc_servicer.decode_input(tensor, None).tolist() == [1.5, 2.5]
 
 
