@@ -10,7 +10,6 @@ it came from, and its commands read it from the environment.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import os
 from pathlib import Path
 
@@ -18,7 +17,7 @@ from gradserve import config as gradserve_config
 from gradserve.errors import UsageError
 from handlers.manifest import Manifest, ManifestError
 from server.config import ServeConfig
-from server.main import configure_logging, serve
+from server.main import configure_logging, run, serve
 from server.torchserve.process import TorchServeError, check_java
 
 
@@ -40,7 +39,7 @@ def main(args: argparse.Namespace) -> int:
     demo = gradserve_config.load_file(args.config).get("train", {}).get("name", "digits")
     if args.retrain or not (Path(config.model_store) / f"{demo}.mar").exists():
         build_demo_archive(args.config)
-    return asyncio.run(serve(config, on_ready=lambda: print(banner(config, demo), flush=True)))
+    return run(config, serve(config, on_ready=lambda: print(banner(config, demo), flush=True)))
 
 
 def build_demo_archive(config_path: str) -> Path:

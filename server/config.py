@@ -114,6 +114,9 @@ class Shutdown:
     drain_s: float = 1.0  # SIGTERM: keep answering UNAVAILABLE this long before the transports close
 
 
+EVENT_LOOPS = ("uvloop", "asyncio")
+
+
 @dataclass(frozen=True)
 class ServeConfig:
     model_store: str = path_field("model_store")
@@ -125,3 +128,10 @@ class ServeConfig:
     coalesce: Coalesce = field(default_factory=Coalesce)
     torchserve: TorchServeSection = field(default_factory=TorchServeSection)
     shutdown: Shutdown = field(default_factory=Shutdown)
+    # The event loop gRPC, REST and the calls to TorchServe share: uvloop (libuv; less CPU per request) or the
+    # standard library's (asyncio: for a debugger or a platform without uvloop).
+    event_loop: str = "uvloop"
+
+    def __post_init__(self) -> None:
+        if self.event_loop not in EVENT_LOOPS:
+            raise ValueError(f"event_loop must be one of {EVENT_LOOPS}, got {self.event_loop!r}")

@@ -75,7 +75,18 @@ def config_from_args(args: argparse.Namespace) -> ServeConfig:
 def main(args: argparse.Namespace) -> int:
     config = config_from_args(args)
     configure_logging()
-    return asyncio.run(serve(config))
+    return run(config, serve(config))
+
+
+def run(config: ServeConfig, main: Coroutine[Any, Any, int]) -> int:
+    """`main` to its end on the event loop `config` names."""
+    factory = None
+    if config.event_loop == "uvloop":
+        import uvloop  # uvicorn[standard]'s, as its own servers use it
+
+        factory = uvloop.new_event_loop
+    with asyncio.Runner(loop_factory=factory) as runner:
+        return runner.run(main)
 
 
 def configure_logging() -> None:
