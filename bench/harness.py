@@ -83,7 +83,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out-dir", dest="out_dir", default=None, help="where <date>.json/.md/.png go")
 
 
-def _package_of(model: BenchModel, shipped: Any, workers: int) -> Any:
+def package_settings(model: BenchModel, shipped: Any, workers: int) -> Any:
     """The bench's package settings, with the workers (unless `workers` sets them for all) and torch threads the
     model's own config gives it."""
     from training.package import PackageConfig
@@ -128,7 +128,7 @@ def main(args: argparse.Namespace) -> int:
     per_model: dict[str, dict[str, Any]] = {}
     with tempfile.TemporaryDirectory(prefix="gradserve-bench-") as tmp:
         for model in models:
-            mine = _package_of(model, shipped, config.workers)
+            mine = package_settings(model, shipped, config.workers)
             per_model[model.name] = bench_model(config, model, mine, Path(tmp) / model.name, serve_config, label, peers)
     results = {"date": label, "command": "gradserve bench " + " ".join(sys.argv[2:]),
                "machine": f"{platform.machine()}, {psutil.cpu_count()} cores, Python {platform.python_version()}",

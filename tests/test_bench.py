@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from run_fixtures import make_run
 
-from bench import backend_transport, harness, loadgen, peer_stacks, rest_parse
+from bench import backend_transport, frontdoor_ab, harness, loadgen, peer_stacks, rest_parse
 from bench.models import sample_rows
 from bench.peers.model import PeerModel
 from gradserve.errors import UsageError
@@ -148,3 +148,27 @@ def test_bench_quick_run_measures_every_path_of_every_model(tmp_path: Path) -> N
     assert "| model | target | scenario | req/s |" in table and "| model | figure | value | target | met |" in table
     assert "Load generator CPU per request" in table
     assert report.with_suffix(".png").stat().st_size > 0
+
+
+def test_frontdoor_ab_settings_are_dotted_names_with_yaml_values() -> None:
+    assert frontdoor_ab.serve_section(["event_loop=asyncio", "coalesce.max_delay_ms=1.5", "coalesce.max_rows=0"]) == {
+        "event_loop": "asyncio", "coalesce": {"max_delay_ms": 1.5, "max_rows": 0}}
+    with pytest.raises(UsageError, match="name=value"):
+        frontdoor_ab.serve_section(["event_loop"])
+
+
+@pytest.mark.timeout(900)
+def test_frontdoor_ab_serves_every_way_from_both_sides(tmp_path: Path) -> None:
+    """Two real front doors, one on each event loop (the asyncio one is served nowhere else in the tests): every
+    way and load answered by both, and the table has their medians."""
+    out = tmp_path / "ab.json"
+    argv = ["--run", str(make_run(tmp_path / "runs")), "--a", "event_loop=asyncio", "--b", "event_loop=uvloop",
+            "--rounds", "1", "--seconds", "0.2", "--out", str(out)]
+    assert frontdoor_ab.main(argv) == 0
+    report = json.loads(out.read_text())
+    assert report["sides"] == {"a": {"event_loop": "asyncio"}, "b": {"event_loop": "uvloop"}}
+    cells = {(r["way"], r["concurrency"], r["rows"], r["side"]) for r in report["rounds"]}
+    assert cells == {(w, c, n, s) for w in frontdoor_ab.WAYS for c, n in frontdoor_ab.LOADS for s in "ab"}
+    for r in report["rounds"]:  # window() raises on any failed request
+        assert r["req_s"] > 0 and r["server_cpu_ms"] >= r["door_cpu_ms"] > 0
+    assert len(report["medians"]) == len(frontdoor_ab.WAYS) * len(frontdoor_ab.LOADS)

@@ -23,11 +23,12 @@ from fastapi import FastAPI
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from client.grpc_client import Client, decode, request
-from gradserve.config import build
+from gradserve.config import ConfigError, build
 from handlers import codec, sharedmem
 from handlers.manifest import Manifest
 from handlers.sharedmem import PayloadArea
 from server import errors, grpc_servicer
+from server import main as server_main
 from server import metrics as server_metrics
 from server.auth import Tokens
 from server.backend import Backend
@@ -155,6 +156,19 @@ def test_unknown_errors_are_internal_generic_and_logged(caplog: pytest.LogCaptur
         status, message = errors.status_of(KeyError("secret detail"))
     assert (status.grpc, status.http) == (grpc.StatusCode.INTERNAL, 500)
     assert "secret" not in message and "secret detail" in caplog.text
+
+
+@pytest.mark.parametrize("name", ["uvloop", "asyncio"])
+def test_the_front_door_runs_on_the_event_loop_its_config_names(name: str) -> None:
+    async def loop_module() -> str:
+        return type(asyncio.get_running_loop()).__module__
+
+    assert server_main.run(ServeConfig(event_loop=name), loop_module()).split(".")[0] == name
+
+
+def test_an_unknown_event_loop_is_refused_with_the_choices() -> None:
+    with pytest.raises(ConfigError, match="event_loop must be one of .*uvloop.*asyncio.*'tokio'"):
+        build(ServeConfig, {"event_loop": "tokio"})
 
 
 @pytest.mark.parametrize(("status", "text", "expected"), [

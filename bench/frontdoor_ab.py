@@ -1,0 +1,174 @@
+"""Two front doors that differ in serve settings, side by side on one archive, windows interleaved between them.
+
+    .venv/bin/python -m bench.frontdoor_ab --a event_loop=asyncio --b event_loop=uvloop
+        [--model digits | --run runs/digits] [--rounds 3] [--seconds 3]
+
+The model is one of `gradserve bench`'s (trained first if its run has none), packaged as the bench packages the
+front door's archive. Each side is a `gradserve serve` (with its own TorchServe) whose `serve:` section is the
+defaults with the given settings (dotted names for nested ones: `coalesce.max_delay_ms=1`; values are read as
+YAML). Both run at once, so that each pair of
+windows shares the machine's drifting load; which side goes first alternates by round. Per way (gRPC ModelInfer,
+ModelStreamInfer, REST JSON) and load (1 row at concurrency 1 and 64, 64 rows at concurrency 8): requests/s, p50,
+and the CPU per request of the front door process and of the whole server (with its TorchServe and workers),
+each round's, then the medians and their ratios b / a. Writes
+bench/results/frontdoor_ab.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import platform
+import statistics
+import tempfile
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import psutil
+import yaml
+
+from bench.harness import package_settings
+from bench.loadgen import OipGrpc, OipRest, OipStream, Target, closed_loop
+from bench.measure import LOGITS
+from bench.models import ensure_trained, resolve
+from bench.stacks import FrontDoor, running_front_door
+from gradserve import config as gradserve_config
+from gradserve.errors import UsageError
+from server.models import read_archive
+from training.package import PackageConfig, package
+
+RESULTS = Path(__file__).resolve().parent / "results" / "frontdoor_ab.json"
+LOADS = ((1, 1), (64, 1), (8, 64))  # (concurrency, rows per request)
+WAYS = ("grpc", "stream", "rest")
+FIGURES = ("req_s", "p50_ms", "door_cpu_ms", "server_cpu_ms")
+
+
+def serve_section(settings: list[str]) -> dict[str, Any]:
+    """`serve:` from ["a.b=value", ...]."""
+    section: dict[str, Any] = {}
+    for setting in settings:
+        name, sep, value = setting.partition("=")
+        if not sep:
+            raise UsageError(f"{setting!r}: settings are name=value (e.g. event_loop=asyncio)")
+        *parents, leaf = name.split(".")
+        node = section
+        for parent in parents:
+            node = node.setdefault(parent, {})
+        node[leaf] = yaml.safe_load(value)
+    return section
+
+
+def target(door: FrontDoor, way: str, model: str) -> Target:
+    if way == "grpc":
+        return OipGrpc(door.grpc_target, None, model, LOGITS)
+    if way == "stream":
+        return OipStream(door.grpc_target, None, model, LOGITS)
+    return OipRest(door.http_url, None, model, LOGITS)
+
+
+async def window(door: FrontDoor, way: str, model: str, x: np.ndarray, concurrency: int,
+                 seconds: float) -> dict[str, float]:
+    t = target(door, way, model)
+    senders = await t.open(x, concurrency)
+    try:
+        await closed_loop(senders, min(seconds, 0.5), len(x))  # connections open, the path warm
+        door_process = psutil.Process(door.process.pid)
+        server = [door_process, *door_process.children(recursive=True)]  # TorchServe and its workers too
+        before = [cpu_seconds(p) for p in server]
+        measured = (await closed_loop(senders, seconds, len(x))).summary()
+        spent = [cpu_seconds(p) - b for p, b in zip(server, before, strict=True)]
+    finally:
+        await t.close()
+    if measured["errors"]:
+        raise RuntimeError(f"{way}: {measured['errors']} errors, e.g. {measured['error_samples']}")
+    requests = max(measured["requests"], 1)
+    return {"req_s": measured["req_s"], "p50_ms": measured["p50_ms"], "door_cpu_ms": 1000 * spent[0] / requests,
+            "server_cpu_ms": 1000 * sum(spent) / requests}
+
+
+def cpu_seconds(process: psutil.Process) -> float:
+    try:
+        return sum(process.cpu_times()[:2])
+    except psutil.NoSuchProcess:  # a worker that ended during the window: its time is lost, not the window
+        return 0.0
+
+
+def summarize(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    table = []
+    for way in WAYS:
+        for concurrency, rows in LOADS:
+            cell = {side: [r for r in results if (r["way"], r["concurrency"], r["rows"], r["side"])
+                           == (way, concurrency, rows, side)] for side in ("a", "b")}
+            med = {side: {k: statistics.median(r[k] for r in rs) for k in FIGURES}
+                   for side, rs in cell.items()}
+            table.append({"way": way, "concurrency": concurrency, "rows": rows, "a": med["a"], "b": med["b"],
+                          "req_s_b_over_a": med["b"]["req_s"] / med["a"]["req_s"],
+                          "door_cpu_b_over_a": med["b"]["door_cpu_ms"] / med["a"]["door_cpu_ms"],
+                          "server_cpu_b_over_a": med["b"]["server_cpu_ms"] / med["a"]["server_cpu_ms"]})
+    return table
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--a", nargs="*", default=[], help="serve settings of side a, name=value ...")
+    parser.add_argument("--b", nargs="*", default=[], help="serve settings of side b, name=value ...")
+    parser.add_argument("--config", default=None, help="gradserve.yaml (default: ./gradserve.yaml if present)")
+    parser.add_argument("--model", default="digits", help="a model of `gradserve bench` (default: digits)")
+    parser.add_argument("--run", type=Path, default=None, help="a training run of the config's model instead")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--seconds", type=float, default=3.0, help="measuring window per way, load and side")
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    args = parser.parse_args(argv)
+    sides = {"a": serve_section(args.a), "b": serve_section(args.b)}
+    results: list[dict[str, Any]] = []
+    with tempfile.TemporaryDirectory(prefix="gradserve-ab-") as tmp, contextlib.ExitStack() as stack:
+        path = gradserve_config.default_path(args.config)
+        (model,) = resolve([args.run.resolve().name if args.run else args.model], path, args.run, None)
+        ensure_trained(model, None)
+        settings = package_settings(model, gradserve_config.load(PackageConfig, path, "package"), 0)
+        archive = package(model.run, replace(settings, model_store=f"{tmp}/store"), allow_fallback=True, force=True)
+        manifest = read_archive(archive).manifest
+        assert manifest is not None
+        name, spec = manifest.name, manifest.inputs[0]
+        doors = {}
+        for side, section in sides.items():
+            config = Path(tmp, f"{side}.yaml")
+            config.write_text(yaml.safe_dump({"serve": section}))
+            doors[side] = stack.enter_context(running_front_door(archive.parent, Path(tmp, side), config=str(config)))
+        rng = np.random.default_rng(0)
+        for round_ in range(args.rounds):
+            for way in WAYS:
+                for concurrency, rows in LOADS:
+                    x = rng.random((rows, *spec.row_shape), dtype=np.float32).round(3)
+                    for side in ("a", "b") if round_ % 2 == 0 else ("b", "a"):
+                        figures = asyncio.run(window(doors[side], way, name, x, concurrency, args.seconds))
+                        results.append({"round": round_, "way": way, "concurrency": concurrency, "rows": rows,
+                                        "side": side, **figures})
+                        print(f"round {round_} {way:6} c={concurrency:<3} rows={rows:<3} {side}: "
+                              f"{figures['req_s']:8.0f} req/s  p50 {figures['p50_ms']:6.2f} ms  "
+                              f"CPU ms/request: front door {figures['door_cpu_ms']:.3f}, "
+                              f"server {figures['server_cpu_ms']:.3f}", flush=True)
+    table = summarize(results)
+    print(f"\nmedians of {args.rounds} rounds; a = {sides['a']}, b = {sides['b']}")
+    print(f"{'way':>6} {'c':>3} {'rows':>4} | {'a req/s':>8} {'b req/s':>8} {'b/a':>5} | {'a p50':>6} {'b p50':>6} | "
+          f"{'door CPU ms a':>13} {'b':>6} {'b/a':>5} | {'server CPU ms a':>15} {'b':>6} {'b/a':>5}")
+    for r in table:
+        a, b = r["a"], r["b"]
+        print(f"{r['way']:>6} {r['concurrency']:>3} {r['rows']:>4} | {a['req_s']:>8.0f} {b['req_s']:>8.0f} "
+              f"{r['req_s_b_over_a']:>5.2f} | {a['p50_ms']:>6.2f} {b['p50_ms']:>6.2f} | {a['door_cpu_ms']:>13.3f} "
+              f"{b['door_cpu_ms']:>6.3f} {r['door_cpu_b_over_a']:>5.2f} | {a['server_cpu_ms']:>15.3f} "
+              f"{b['server_cpu_ms']:>6.3f} {r['server_cpu_b_over_a']:>5.2f}")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps({"machine": f"{platform.machine()}, {psutil.cpu_count()} cores",
+                                    "model": model.name, "sides": sides, "rounds": results, "medians": table},
+                                   indent=1))
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
