@@ -76,24 +76,22 @@ def best_seconds_per_call(fns: dict[str, Callable[[], Any]], seconds: float) -> 
 
 
 class Precomputed(torch.nn.Module):
-    """Stands in for the model to time everything the handler does around the forward pass."""
+    """Stands in for the handler's forward to time everything the handler does around the forward pass."""
 
-    def __init__(self, logits: torch.Tensor) -> None:
+    def __init__(self, outputs: dict[str, torch.Tensor]) -> None:
         super().__init__()
-        self.logits = logits
+        self.outputs = outputs
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.logits[: len(x)]
-
-    def forward_all(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        return {"logits": self.forward(x)}
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {name: value[: len(x)] for name, value in self.outputs.items()}
 
 
 def measure(handler: GradserveHandler, seconds: float, outputs: list[str] | None = None) -> list[dict[str, Any]]:
-    """Per row count: raw forward, handle() (asking for `outputs`; None: all), and the handler's own cost."""
+    """Per row count: the raw forward the handler serves (the model's, or its compiled forward where the archive
+    asks for one: handlers/optimize.py), handle() (asking for `outputs`; None: all), and the handler's own cost."""
     calls = context(Path("."))
     rng = np.random.default_rng(0)
-    model = handler.model
+    model = handler.forward
     table = []
     spec = handler.manifest.input
     for n in ROWS:
@@ -106,17 +104,18 @@ def measure(handler: GradserveHandler, seconds: float, outputs: list[str] | None
                 model(tensor)
 
         def handle(request: list = request) -> None:
-            handler.model = model
+            handler.forward = model
             handler.handle(request, calls)
 
-        stand_in = Precomputed(model(tensor).detach())
+        with torch.inference_mode():
+            stand_in = Precomputed(model(tensor))
 
         def overhead(request: list = request, stand_in: torch.nn.Module = stand_in) -> None:
-            handler.model = stand_in
+            handler.forward = stand_in
             handler.handle(request, calls)
 
         best = best_seconds_per_call({"raw": raw, "handler": handle, "overhead": overhead}, seconds)
-        handler.model = model
+        handler.forward = model
         table.append({"rows": n, "raw_rows_per_s": n / best["raw"], "handler_rows_per_s": n / best["handler"],
                       "ratio": best["raw"] / best["handler"], "overhead_us": best["overhead"] * 1e6,
                       "ratio_from_overhead": best["raw"] / (best["raw"] + best["overhead"])})
@@ -138,6 +137,7 @@ def main(argv: list[str] | None = None) -> int:
         handler.initialize(context(model_dir(args.archive, Path(tmp))))
         torch.set_num_threads(args.threads)
         table = measure(handler, args.seconds, args.outputs)
+    print(f"forward: {handler.forward_kind}")
     print(f"{'rows':>5} {'raw rows/s':>11} {'handler rows/s':>15} {'ratio':>6} {'overhead us':>12} {'ratio':>6}")
     for r in table:
         print(f"{r['rows']:>5} {r['raw_rows_per_s']:>11.0f} {r['handler_rows_per_s']:>15.0f} {r['ratio']:>6.2f} "
@@ -148,6 +148,7 @@ def main(argv: list[str] | None = None) -> int:
                 " process CPU time",
         "target": "ratio >= 0.9 at 64 rows",
         "torch": torch.__version__, "threads": torch.get_num_threads(), "device": str(handler.device),
+        "forward": handler.forward_kind,
         "machine": platform.machine(), "archive": str(args.archive) if args.archive else None,
         "outputs": args.outputs or "all",
         "results": table}, indent=2))

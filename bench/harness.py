@@ -84,14 +84,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def package_settings(model: BenchModel, shipped: Any, workers: int) -> Any:
-    """The bench's package settings, with the workers (unless `workers` sets them for all) and torch threads the
-    model's own config gives it."""
+    """The bench's package settings, with the workers (unless `workers` sets them for all), torch threads and
+    compiled forward (`optimize`) the model's own config gives it."""
     from training.package import PackageConfig
 
     if model.config is None:
         return shipped
     own = gradserve_config.load(PackageConfig, model.config, "package")
-    mine = replace(shipped, torch_threads=own.torch_threads, parallel_rows=own.parallel_rows)
+    mine = replace(shipped, torch_threads=own.torch_threads, parallel_rows=own.parallel_rows, optimize=own.optimize)
     return mine if workers else replace(mine, min_workers=own.min_workers, max_workers=own.max_workers)
 
 

@@ -61,6 +61,9 @@ def model_ratios(windows: Windows, results: dict[str, Any], model: str) -> list[
          big["rows_s"] / ceiling, ">= 0.6", big["rows_s"] / ceiling >= 0.6),
         ("256-row requests c=8, TorchServe direct gRPC rows/s / raw ceiling (reference)",
          w[("torchserve_grpc", "rows256_c8")]["rows_s"] / ceiling, "", None),
+        *([("256-row requests c=8, front door gRPC rows/s / the eager model's ceiling (reference: the handler "
+            "serves its compiled forward)", big["rows_s"] / eager["rows_s"], "", None)]
+          if (eager := results["in_process"][model].get("eager_ceiling")) else []),
         ("REST / gRPC server CPU per request, front door, c=16 single-row", cpu_ratio, "<= 1.3", cpu_ratio <= 1.3),
         ("front door gRPC / TorchServe direct gRPC (batchSize 32, 5 ms), req/s, c=64 single-row (reference)",
          w[("frontdoor_grpc", "c64")]["req_s"] / w[("torchserve_grpc", "c64")]["req_s"], "", None),
@@ -174,7 +177,9 @@ def in_process_lines(results: dict[str, Any]) -> list[str]:
                   "(0: the worker's share of the cores).  ") if served else ""
         lines += [f"**{model}**. {served}In-process (bench/handler_throughput.py, rows/s): {handler}  ",
                   f"Raw ceiling: {ip['ceiling']['rows_s']:.0f} rows/s ({ip['ceiling']['threads']} thread(s), "
-                  f"{ip['ceiling']['rows_per_call']} rows per call).  ",
+                  f"{ip['ceiling']['rows_per_call']} rows per call; forward {ip.get('forward', 'eager')}"
+                  + (f"; the eager model's: {ip['eager_ceiling']['rows_s']:.0f}" if "eager_ceiling" in ip else "")
+                  + ").  ",
                   f"Batch job: {b['rows']} rows at {b['rows_s']:.0f} rows/s ({b['failed']} failed; 256 rows per "
                   f"request, 4 in flight) vs raw forward on the same rows {ip['batch_raw']['rows_s']:.0f} rows/s; "
                   f"CPU s: {b['cpu_s']}.", ""]

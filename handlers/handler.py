@@ -28,6 +28,7 @@ from ts.torch_handler.base_handler import BaseHandler
 from handlers import codec, sharedmem
 from handlers.factory import BUILTIN, ModelSpec, forget_foreign
 from handlers.manifest import InvalidRows, Manifest, validate_rows
+from handlers.optimize import for_inference
 from handlers.preprocess import ImageError, Preprocess
 from handlers.threads import Threads
 
@@ -56,7 +57,9 @@ class GradserveHandler(BaseHandler):
         gpu_id = props.get("gpu_id")
         use_cuda = gpu_id is not None and torch.cuda.is_available()
         self.device = torch.device(f"cuda:{gpu_id}" if use_cuda else "cpu")
-        self.threads = Threads.from_config(getattr(context, "model_yaml_config", None) or {})
+        yaml_config = getattr(context, "model_yaml_config", None) or {}
+        settings = yaml_config.get("handler") or {}
+        self.threads = Threads.from_config(yaml_config)
         torch.set_num_threads(self.threads.most)
 
         if str(model_dir) not in sys.path:  # the archive's root: the model's code (TorchServe puts it there too)
@@ -76,12 +79,16 @@ class GradserveHandler(BaseHandler):
         if os.environ.get(QUIET_METRICS_ENV) == "1":  # not printed at all: 5-7% of a worker's CPU on single rows
             logging.getLogger("ts.metrics").setLevel(logging.WARNING)
             logging.getLogger().addFilter(_not_per_call)
+        # every output by name from one forward: eager, or compiled where the archive asks (package.optimize)
+        self.forward, self.forward_kind = for_inference(self.model, self.transform.in_shape, self.device,
+                                                        optimize=bool(settings.get("optimize")))
         with torch.inference_mode():
-            self.model(torch.zeros((2, *self.transform.in_shape), device=self.device))  # warm-up
+            self.forward(torch.zeros((2, *self.transform.in_shape), device=self.device))  # warm-up
         self.initialized = True
         logger.info("gradserve handler ready: %s v%s (%s) on %s, %d threads for calls of %d rows or more (1 "
-                    "below), model code %s", self.manifest.name, self.manifest.version, self.manifest.task,
-                    self.device, self.threads.most, self.threads.parallel_rows, inspect.getfile(type(self.model)))
+                    "below), forward %s, model code %s", self.manifest.name, self.manifest.version,
+                    self.manifest.task, self.device, self.threads.most, self.threads.parallel_rows, self.forward_kind,
+                    inspect.getfile(type(self.model)))
 
     def handle(self, data: list[dict[str, Any]], context: Any) -> list[bytes]:
         self.context = context
@@ -124,9 +131,8 @@ class GradserveHandler(BaseHandler):
     def _forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         """Every head's output (a multi-task model's forward_all), in chunks of the archive's forward_rows, the
         batch size this model runs fastest at (measured by `gradserve package`)."""
-        forward_all = getattr(self.model, "forward_all", None)
         step = self.manifest.forward_rows or len(x)
-        parts = [forward_all(c) if callable(forward_all) else {"logits": self.model(c)} for c in x.split(step)]
+        parts = [self.forward(c) for c in x.split(step)]
         return parts[0] if len(parts) == 1 else {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
 
     def postprocess(self, data: dict[str, Any], row_counts: Sequence[int] = ()) -> list[bytes]:

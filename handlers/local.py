@@ -13,13 +13,19 @@ from pathlib import Path
 from types import SimpleNamespace, TracebackType
 from typing import Any
 
+import yaml
+
 from handlers.handler import GradserveHandler
 from handlers.manifest import Manifest
 
 
 def context(model_dir: Path, max_workers: int = 1, gpu_id: int | None = None, batch_size: int = 1,
             handler_settings: dict[str, Any] | None = None) -> SimpleNamespace:
-    """What TorchServe hands `initialize` and `handle`: the model folder, the device, model-config.yaml."""
+    """What TorchServe hands `initialize` and `handle`: the model folder, the device, model-config.yaml (its
+    `handler` settings are the archive's unless `handler_settings` replaces them)."""
+    if handler_settings is None:
+        packaged = model_dir / "model-config.yaml"
+        handler_settings = (yaml.safe_load(packaged.read_text()) or {}).get("handler") if packaged.exists() else None
     return SimpleNamespace(
         system_properties={"model_dir": str(model_dir), "gpu_id": gpu_id, "batch_size": batch_size},
         model_yaml_config={"maxWorkers": max_workers, **({"handler": handler_settings} if handler_settings else {})},

@@ -284,3 +284,21 @@ def test_chunked_forwards_equal_one_forward(handler: GradserveHandler, reference
     np.testing.assert_allclose(answers["chunked"]["logits"], answers["whole"]["logits"], atol=1e-5, rtol=0)
     np.testing.assert_allclose(answers["chunked"]["logits"], expected(reference, x), atol=1e-5, rtol=0)
     assert list(answers["chunked"]["class_name"]) == list(answers["whole"]["class_name"])
+
+
+def test_an_archive_packaged_to_optimize_serves_its_compiled_forward_within_1e5(
+        run: Path, reference: torch.nn.Module, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """package.optimize: the handler serves the traced, BatchNorm-folded forward (the demo CNN has BatchNorm), its
+    answers those of the eager model within 1e-5, a row's the same alone or among others."""
+    archive = package(run, PackageConfig(model_store=str(tmp_path / "store"), max_rows=256, optimize=True))
+    model_dir = local.unpack(archive, tmp_path / "extracted")
+    h = GradserveHandler()
+    with caplog.at_level(logging.INFO):
+        h.initialize(context(model_dir))  # the archive's own handler settings, as TorchServe hands them
+    assert isinstance(h.forward, torch.jit.ScriptModule) and "forward compiled for inference" in caplog.text
+    x = np.random.default_rng(5).random((100, 1, 8, 8), dtype=np.float32)
+    whole = codec.decode(h.handle([request(x)], context(Path()))[0]).tensors["logits"]
+    np.testing.assert_allclose(whole, expected(reference, x), atol=1e-5, rtol=0)
+    for i in (0, 42, 99):
+        alone = codec.decode(h.handle([request(x[i:i + 1])], context(Path()))[0]).tensors["logits"]
+        np.testing.assert_allclose(alone[0], whole[i], atol=1e-5, rtol=0)

@@ -52,8 +52,8 @@ def test_cli_builds_the_archive_with_the_contract_layout(run: Path, tmp_path: Pa
         names = set(z.namelist())
     assert names == {"MAR-INF/MANIFEST.json", "handler.py", "weights.pt", "model-config.yaml", "gradserve.json",
                      "handlers/__init__.py", "handlers/codec.py", "handlers/manifest.py", "handlers/factory.py",
-                     "handlers/preprocess.py", "handlers/threads.py", "handlers/sharedmem.py", "training/__init__.py",
-                     "training/model.py"}
+                     "handlers/preprocess.py", "handlers/threads.py", "handlers/sharedmem.py", "handlers/optimize.py",
+                     "training/__init__.py", "training/model.py"}
     assert read(archive, "training/__init__.py") == b""
     assert read(archive, "handlers/codec.py") == (ROOT / "handlers/codec.py").read_bytes()
     assert read(archive, "training/model.py") == (ROOT / "training/model.py").read_bytes()
@@ -65,7 +65,8 @@ def test_cli_builds_the_archive_with_the_contract_layout(run: Path, tmp_path: Pa
         "batchSize": shipped["batch_size"], "maxBatchDelay": shipped["max_batch_delay_ms"],
         "minWorkers": shipped["min_workers"], "maxWorkers": shipped["max_workers"],
         "responseTimeout": shipped["response_timeout_s"],
-        "handler": {"torch_threads": shipped["torch_threads"], "parallel_rows": shipped["parallel_rows"]}}
+        "handler": {"torch_threads": shipped["torch_threads"], "parallel_rows": shipped["parallel_rows"],
+                    "optimize": shipped["optimize"]}}
     assert (store / "digits-1.0.mar").read_bytes() == archive.read_bytes()
 
 

@@ -31,6 +31,7 @@ from gradserve.errors import UsageError
 from handlers.factory import ModelSpec
 from handlers.manifest import FILE as MANIFEST_FILE
 from handlers.manifest import Manifest, TensorSpec
+from handlers.optimize import for_inference
 from handlers.preprocess import Preprocess
 from handlers.threads import PARALLEL_ROWS, Threads
 from training.archive_check import check_archive
@@ -58,6 +59,9 @@ class PackageConfig:
     torch_threads: int = 1
     parallel_rows: int = PARALLEL_ROWS
     forward_rows: int | None = None  # rows the handler forwards at once; None: the fastest, measured here; 0: all
+    # The handler serves the model's forward compiled for CPU inference (handlers/optimize.py: BatchNorm folded into
+    # convolutions, oneDNN; 3-5x on the images example's CNN), if it answers as the eager model does; else eager.
+    optimize: bool = False
 
     def __post_init__(self) -> None:
         if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", str(self.version)):
@@ -106,7 +110,8 @@ def package(run: Path, config: PackageConfig, allow_fallback: bool = False, forc
         torchserve_config: dict[str, Any] = {
             "batchSize": config.batch_size, "maxBatchDelay": config.max_batch_delay_ms,
             "responseTimeout": config.response_timeout_s,
-            "handler": {"torch_threads": config.torch_threads, "parallel_rows": config.parallel_rows}}
+            "handler": {"torch_threads": config.torch_threads, "parallel_rows": config.parallel_rows,
+                        "optimize": config.optimize}}
         if config.max_workers:  # without them: one worker per core where it is served
             torchserve_config.update(minWorkers=config.min_workers, maxWorkers=config.max_workers)
         rows = _forward_rows(config, spec, checkpoint, Threads.from_config(torchserve_config).most)
@@ -135,11 +140,12 @@ def _forward_rows(config: PackageConfig, spec: ModelSpec, checkpoint: dict[str, 
     put_code_on_path(checkpoint["config"].get("code_dir"), spec.factory)
     model = spec.build()
     model.load_state_dict(checkpoint["state_dict"])
-    return fastest_rows(model, spec.in_shape, threads, config.max_rows)
+    forward = for_inference(model.eval(), spec.in_shape, torch.device("cpu"), config.optimize)[0]
+    return fastest_rows(forward, spec.in_shape, threads, config.max_rows)
 
 
 HANDLER_MODULES = ("__init__.py", "codec.py", "manifest.py", "factory.py", "preprocess.py", "threads.py",
-                   "sharedmem.py")
+                   "sharedmem.py", "optimize.py")
 
 
 def _stage_handlers(extra: Path) -> None:
