@@ -1,16 +1,16 @@
-"""Two front doors that differ in serve settings, side by side on one archive, windows interleaved between them.
+"""Two front doors that differ in settings, side by side on one model, windows interleaved between them.
 
     .venv/bin/python -m bench.frontdoor_ab --a event_loop=asyncio --b event_loop=uvloop
         [--model digits | --run runs/digits] [--rounds 3] [--seconds 3]
 
-The model is one of `gradserve bench`'s (trained first if its run has none), packaged as the bench packages the
-front door's archive. Each side is a `gradserve serve` (with its own TorchServe) whose `serve:` section is the
-defaults with the given settings (dotted names for nested ones: `coalesce.max_delay_ms=1`; values are read as
-YAML). Both run at once, so that each pair of
-windows shares the machine's drifting load; which side goes first alternates by round. Per way (gRPC ModelInfer,
-ModelStreamInfer, REST JSON) and load (1 row at concurrency 1 and 64, 64 rows at concurrency 8): requests/s, p50,
-and the CPU per request of the front door process and of the whole server (with its TorchServe and workers),
-each round's, then the medians and their ratios b / a. Writes
+The model is one of `gradserve bench`'s (trained first if its run has none), packaged for each side as the bench
+packages the front door's archive, with the side's `package.` settings on top (`package.optimize=true`). Each side
+is a `gradserve serve` (with its own TorchServe) whose `serve:` section is the defaults with the side's other
+settings (dotted names for nested ones: `coalesce.max_delay_ms=1`; values are read as YAML). Both run at once, so
+that each pair of windows shares the machine's drifting load; which side goes first alternates by round. Per way
+(gRPC ModelInfer, ModelStreamInfer, REST JSON) and load (1 row at concurrency 1 and 64, 64 rows at concurrency
+8): requests/s, p50, and the CPU per request of the front door process and of the whole server (with its
+TorchServe and workers), each round's, then the medians and their ratios b / a. Writes
 bench/results/frontdoor_ab.json.
 """
 
@@ -47,8 +47,16 @@ WAYS = ("grpc", "stream", "rest")
 FIGURES = ("req_s", "p50_ms", "door_cpu_ms", "server_cpu_ms")
 
 
-def serve_section(settings: list[str]) -> dict[str, Any]:
-    """`serve:` from ["a.b=value", ...]."""
+def sections(settings: list[str]) -> dict[str, Any]:
+    """{"serve": {...}, "package": {...}} from ["a.b=value", "package.optimize=true", ...]: names are serve settings
+    unless they start with `package.`."""
+    serve = settings_tree([s for s in settings if not s.startswith("package.")])
+    package = settings_tree([s.removeprefix("package.") for s in settings if s.startswith("package.")])
+    return {"serve": serve, "package": package}
+
+
+def settings_tree(settings: list[str]) -> dict[str, Any]:
+    """A nested mapping from ["a.b=value", ...]."""
     section: dict[str, Any] = {}
     for setting in settings:
         name, sep, value = setting.partition("=")
@@ -114,8 +122,8 @@ def summarize(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--a", nargs="*", default=[], help="serve settings of side a, name=value ...")
-    parser.add_argument("--b", nargs="*", default=[], help="serve settings of side b, name=value ...")
+    parser.add_argument("--a", nargs="*", default=[], help="settings of side a, name=value ... (package.name=value)")
+    parser.add_argument("--b", nargs="*", default=[], help="settings of side b, name=value ...")
     parser.add_argument("--config", default=None, help="gradserve.yaml (default: ./gradserve.yaml if present)")
     parser.add_argument("--model", default="digits", help="a model of `gradserve bench` (default: digits)")
     parser.add_argument("--run", type=Path, default=None, help="a training run of the config's model instead")
@@ -123,22 +131,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seconds", type=float, default=3.0, help="measuring window per way, load and side")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
-    sides = {"a": serve_section(args.a), "b": serve_section(args.b)}
+    sides = {"a": sections(args.a), "b": sections(args.b)}
     results: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="gradserve-ab-") as tmp, contextlib.ExitStack() as stack:
         path = gradserve_config.default_path(args.config)
         (model,) = resolve([args.run.resolve().name if args.run else args.model], path, args.run, None)
         ensure_trained(model, None)
         settings = package_settings(model, gradserve_config.load(PackageConfig, path, "package"), 0)
-        archive = package(model.run, replace(settings, model_store=f"{tmp}/store"), allow_fallback=True, force=True)
+        doors = {}
+        for side, section in sides.items():
+            mine = replace(settings, **section["package"], model_store=f"{tmp}/store-{side}")
+            archive = package(model.run, mine, allow_fallback=True, force=True)
+            config = Path(tmp, f"{side}.yaml")
+            config.write_text(yaml.safe_dump({"serve": section["serve"]}))
+            doors[side] = stack.enter_context(running_front_door(archive.parent, Path(tmp, side), config=str(config)))
         manifest = read_archive(archive).manifest
         assert manifest is not None
         name, spec = manifest.name, manifest.inputs[0]
-        doors = {}
-        for side, section in sides.items():
-            config = Path(tmp, f"{side}.yaml")
-            config.write_text(yaml.safe_dump({"serve": section}))
-            doors[side] = stack.enter_context(running_front_door(archive.parent, Path(tmp, side), config=str(config)))
         rng = np.random.default_rng(0)
         for round_ in range(args.rounds):
             for way in WAYS:

@@ -151,22 +151,26 @@ def test_bench_quick_run_measures_every_path_of_every_model(tmp_path: Path) -> N
 
 
 def test_frontdoor_ab_settings_are_dotted_names_with_yaml_values() -> None:
-    assert frontdoor_ab.serve_section(["event_loop=asyncio", "coalesce.max_delay_ms=1.5", "coalesce.max_rows=0"]) == {
-        "event_loop": "asyncio", "coalesce": {"max_delay_ms": 1.5, "max_rows": 0}}
+    assert frontdoor_ab.sections(["event_loop=asyncio", "coalesce.max_delay_ms=1.5", "coalesce.max_rows=0",
+                                  "package.optimize=true"]) == {
+        "serve": {"event_loop": "asyncio", "coalesce": {"max_delay_ms": 1.5, "max_rows": 0}},
+        "package": {"optimize": True}}
     with pytest.raises(UsageError, match="name=value"):
-        frontdoor_ab.serve_section(["event_loop"])
+        frontdoor_ab.sections(["event_loop"])
 
 
 @pytest.mark.timeout(900)
 def test_frontdoor_ab_serves_every_way_from_both_sides(tmp_path: Path) -> None:
-    """Two real front doors, one on each event loop (the asyncio one is served nowhere else in the tests): every
-    way and load answered by both, and the table has their medians."""
+    """Two real front doors, one on each event loop (the asyncio one is served nowhere else in the tests), the second
+    on an archive packaged to serve its compiled forward: every way and load answered by both, and the table has
+    their medians."""
     out = tmp_path / "ab.json"
-    argv = ["--run", str(make_run(tmp_path / "runs")), "--a", "event_loop=asyncio", "--b", "event_loop=uvloop",
-            "--rounds", "1", "--seconds", "0.2", "--out", str(out)]
+    argv = ["--run", str(make_run(tmp_path / "runs")), "--a", "event_loop=asyncio",
+            "--b", "event_loop=uvloop", "package.optimize=true", "--rounds", "1", "--seconds", "0.2", "--out", str(out)]
     assert frontdoor_ab.main(argv) == 0
     report = json.loads(out.read_text())
-    assert report["sides"] == {"a": {"event_loop": "asyncio"}, "b": {"event_loop": "uvloop"}}
+    assert report["sides"] == {"a": {"serve": {"event_loop": "asyncio"}, "package": {}},
+                               "b": {"serve": {"event_loop": "uvloop"}, "package": {"optimize": True}}}
     cells = {(r["way"], r["concurrency"], r["rows"], r["side"]) for r in report["rounds"]}
     assert cells == {(w, c, n, s) for w in frontdoor_ab.WAYS for c, n in frontdoor_ab.LOADS for s in "ab"}
     for r in report["rounds"]:  # window() raises on any failed request

@@ -60,7 +60,7 @@ class PackageConfig:
     parallel_rows: int = PARALLEL_ROWS
     forward_rows: int | None = None  # rows the handler forwards at once; None: the fastest, measured here; 0: all
     # The handler serves the model's forward compiled for CPU inference (handlers/optimize.py: BatchNorm folded into
-    # convolutions, oneDNN; 3-5x on the images example's CNN), if it answers as the eager model does; else eager.
+    # convolutions, oneDNN; ~3x on the images example's CNN), if it answers as the eager model does; else eager.
     optimize: bool = False
 
     def __post_init__(self) -> None:
