@@ -1,7 +1,7 @@
 """A model's forward compiled for CPU inference, when its archive asks for it (`package.optimize`): traced, frozen
 and optimized by TorchScript (`torch.jit.optimize_for_inference`: each BatchNorm folded into the convolution
 before it, convolutions on oneDNN's blocked layout). The images example's CNN: the handler's rows/s at 16 to 256
-rows on one thread 2.7-3.4x the eager module's (bench/results/2026-11-30-handler-optimize.txt).
+rows on one thread 2.7-3.6x the eager module's (bench/results/2026-11-30-handler-optimize.txt).
 
 Tracing records the operations one input took, so a forward whose Python code branches on its input's values
 would be wrong for others: the compiled forward is used only if it answers as the eager model does, within
