@@ -91,7 +91,7 @@ def measure(handler: GradserveHandler, seconds: float, outputs: list[str] | None
     asks for one: handlers/optimize.py), handle() (asking for `outputs`; None: all), and the handler's own cost."""
     calls = context(Path("."))
     rng = np.random.default_rng(0)
-    model = handler.forward
+    forward = handler.forward
     table = []
     spec = handler.manifest.input
     for n in ROWS:
@@ -101,21 +101,21 @@ def measure(handler: GradserveHandler, seconds: float, outputs: list[str] | None
 
         def raw(tensor: torch.Tensor = tensor) -> None:
             with torch.inference_mode():
-                model(tensor)
+                forward(tensor)
 
         def handle(request: list = request) -> None:
-            handler.forward = model
+            handler.forward = forward
             handler.handle(request, calls)
 
         with torch.inference_mode():
-            stand_in = Precomputed(model(tensor))
+            stand_in = Precomputed(forward(tensor))
 
         def overhead(request: list = request, stand_in: torch.nn.Module = stand_in) -> None:
             handler.forward = stand_in
             handler.handle(request, calls)
 
         best = best_seconds_per_call({"raw": raw, "handler": handle, "overhead": overhead}, seconds)
-        handler.forward = model
+        handler.forward = forward
         table.append({"rows": n, "raw_rows_per_s": n / best["raw"], "handler_rows_per_s": n / best["handler"],
                       "ratio": best["raw"] / best["handler"], "overhead_us": best["overhead"] * 1e6,
                       "ratio_from_overhead": best["raw"] / (best["raw"] + best["overhead"])})
