@@ -1,16 +1,16 @@
 """Two front doors that differ in settings, side by side on one model, windows interleaved between them.
 
     .venv/bin/python -m bench.frontdoor_ab --a event_loop=asyncio --b event_loop=uvloop
-        [--model digits | --run runs/digits] [--rounds 3] [--seconds 3]
+        [--model digits | --run runs/digits] [--rounds 3] [--seconds 3] [--loads 1x1,64x1,8x64] [--ways grpc,rest]
 
 The model is one of `gradserve bench`'s (trained first if its run has none), packaged for each side as the bench
 packages the front door's archive, with the side's `package.` settings on top (`package.optimize=true`). Each side
 is a `gradserve serve` (with its own TorchServe) whose `serve:` section is the defaults with the side's other
 settings (dotted names for nested ones: `coalesce.max_delay_ms=1`; values are read as YAML). Both run at once, so
 that each pair of windows shares the machine's drifting load; which side goes first alternates by round. Per way
-(gRPC ModelInfer, ModelStreamInfer, REST JSON) and load (1 row at concurrency 1 and 64, 64 rows at concurrency
-8): requests/s, p50, and the CPU per request of the front door process and of the whole server (with its
-TorchServe and workers), each round's, then the medians and their ratios b / a. Writes
+(gRPC ModelInfer, ModelStreamInfer, REST JSON; --ways) and load (--loads; by default 1 row at concurrency 1 and
+64, 64 rows at concurrency 8): requests/s, p50, and the CPU per request of the front door process and of the
+whole server (with its TorchServe and workers), each round's, then the medians and their ratios b / a. Writes
 bench/results/frontdoor_ab.json.
 """
 
@@ -70,6 +70,21 @@ def settings_tree(settings: list[str]) -> dict[str, Any]:
     return section
 
 
+def loads(text: str) -> tuple[tuple[int, int], ...]:
+    """((concurrency, rows), ...) from "1x1,64x1,8x64"."""
+    try:
+        return tuple((int(c), int(r)) for c, r in (load.split("x") for load in text.split(",")))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: loads are concurrency x rows, e.g. 1x1,64x1,8x64") from None
+
+
+def ways(text: str) -> tuple[str, ...]:
+    chosen = tuple(w.strip() for w in text.split(","))
+    if not chosen or set(chosen) - set(WAYS):
+        raise argparse.ArgumentTypeError(f"{text!r}: ways are some of {','.join(WAYS)}")
+    return chosen
+
+
 def target(door: FrontDoor, way: str, model: str) -> Target:
     if way == "grpc":
         return OipGrpc(door.grpc_target, None, model, LOGITS)
@@ -107,8 +122,8 @@ def cpu_seconds(process: psutil.Process) -> float:
 
 def summarize(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
     table = []
-    for way in WAYS:
-        for concurrency, rows in LOADS:
+    for way in dict.fromkeys(r["way"] for r in results):
+        for concurrency, rows in dict.fromkeys((r["concurrency"], r["rows"]) for r in results):
             cell = {side: [r for r in results if (r["way"], r["concurrency"], r["rows"], r["side"])
                            == (way, concurrency, rows, side)] for side in ("a", "b")}
             med = {side: {k: statistics.median(r[k] for r in rs) for k in FIGURES}
@@ -129,6 +144,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--run", type=Path, default=None, help="a training run of the config's model instead")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--seconds", type=float, default=3.0, help="measuring window per way, load and side")
+    parser.add_argument("--loads", type=loads, default=LOADS,
+                        help="concurrency x rows per request, comma-separated (default 1x1,64x1,8x64)")
+    parser.add_argument("--ways", type=ways, default=WAYS, help="comma-separated of grpc,stream,rest (default all)")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
     sides = {"a": sections(args.a), "b": sections(args.b)}
@@ -150,8 +168,8 @@ def main(argv: list[str] | None = None) -> int:
         name, spec = manifest.name, manifest.inputs[0]
         rng = np.random.default_rng(0)
         for round_ in range(args.rounds):
-            for way in WAYS:
-                for concurrency, rows in LOADS:
+            for way in args.ways:
+                for concurrency, rows in args.loads:
                     x = rng.random((rows, *spec.row_shape), dtype=np.float32).round(3)
                     for side in ("a", "b") if round_ % 2 == 0 else ("b", "a"):
                         figures = asyncio.run(window(doors[side], way, name, x, concurrency, args.seconds))

@@ -39,6 +39,8 @@ QUIET_METRICS_ENV = "GRADSERVE_QUIET_WORKER_METRICS"
 # The line TorchServe's worker logs (root logger, INFO) for every call it receives; the JVM reads it from the
 # worker's stdout and writes it to model_log.log.
 RECEIVED_LINE = "Backend received inference at: %d"
+# The input buffer a worker keeps for its next call (handle's _gather), at most: bigger calls get their own.
+KEEP_BYTES = 64 * 1024 * 1024
 
 
 # A request is either its rows and the outputs it wants (the model's input tensor, unstandardised; None: all
@@ -57,6 +59,9 @@ class GradserveHandler(BaseHandler):
         gpu_id = props.get("gpu_id")
         use_cuda = gpu_id is not None and torch.cuda.is_available()
         self.device = torch.device(f"cuda:{gpu_id}" if use_cuda else "cpu")
+        if use_cuda:  # float32 means float32: TF32 convolutions would answer about 1e-3 away from the CPU's model
+            torch.backends.cudnn.allow_tf32 = False
+            torch.backends.cuda.matmul.allow_tf32 = False
         yaml_config = getattr(context, "model_yaml_config", None) or {}
         settings = yaml_config.get("handler") or {}
         self.threads = Threads.from_config(yaml_config)
@@ -76,6 +81,8 @@ class GradserveHandler(BaseHandler):
         self.transform = Preprocess.from_dict(self.manifest.preprocess)  # the input contract and its statistics
         self.class_names = np.array([name.encode() for name in self.manifest.labels], dtype=object)
         self.batch_sizes: Counter[int] = Counter()  # requests per handle() call, as TorchServe batched them
+        self._rows: np.ndarray | None = None  # the calls' inputs are gathered here (_gather)
+        self._gathered: torch.Tensor | None = None  # this call's (a view of _rows, or a bigger call's own)
         if os.environ.get(QUIET_METRICS_ENV) == "1":  # not printed at all: 5-7% of a worker's CPU on single rows
             logging.getLogger("ts.metrics").setLevel(logging.WARNING)
             logging.getLogger().addFilter(_not_per_call)
@@ -100,10 +107,12 @@ class GradserveHandler(BaseHandler):
         self.batch_sizes[len(data)] += 1
         if not valid:
             return [p for p in parsed if isinstance(p, bytes)]
-        x = torch.from_numpy(np.concatenate([rows for rows, _ in valid]))  # (N, *in_shape): the one copy of the inputs
+        x = self._gather([rows for rows, _ in valid])  # (N, *in_shape): the one copy of the inputs
         wants = [outputs for _, outputs in valid]  # the call computes what any of its requests wants
         wanted = None if None in wants else sorted({name for outputs in wants for name in outputs or ()})
-        answers = iter(self.postprocess(self.inference(x, wanted), [len(rows) for rows, _ in valid]))
+        outputs = self.inference(x, wanted)
+        self._gathered = None  # a call bigger than KEEP_BYTES had a buffer of its own: not held until the next
+        answers = iter(self.postprocess(outputs, [len(rows) for rows, _ in valid]))
         return [next(answers) if isinstance(p, tuple) else p for p in parsed]
 
     def preprocess(self, data: list[dict[str, Any]]) -> list[Parsed]:
@@ -116,7 +125,8 @@ class GradserveHandler(BaseHandler):
         name); regression `prediction` in the targets' own units."""
         self.threads.use(len(data))
         with torch.inference_mode():
-            x = self.transform.standardize(data.to(self.device, non_blocking=True))
+            x = data.to(self.device, non_blocking=True)
+            x = self.transform.standardize(x, inplace=x is not data or data is self._gathered)  # never a caller's
             heads = self._forward(x)  # {"logits": (N, K), ...}
             out = heads.pop("logits")
             if self.manifest.task == "regression":
@@ -128,10 +138,27 @@ class GradserveHandler(BaseHandler):
             wanted = set(every) & set(outputs or ()) or set(every)
             return {name: make() for name, make in every.items() if name in wanted}
 
+    def _gather(self, parts: list[np.ndarray]) -> torch.Tensor:
+        """The requests' rows as one tensor in a buffer this handler keeps across calls (up to KEEP_BYTES), pinned
+        on a GPU so that the copy to the device runs at full speed. A fresh tensor per call cost more than the copy:
+        standardising ResNet's 1024-row calls out of place took 36 ms, in place 2.5 (2 cores)."""
+        n, first = sum(len(p) for p in parts), parts[0]
+        rows = self._rows
+        if rows is None or len(rows) < n or rows.shape[1:] != first.shape[1:] or rows.dtype != first.dtype:
+            dtype = torch.from_numpy(first[:0].copy()).dtype
+            rows = torch.empty((n, *first.shape[1:]), dtype=dtype, pin_memory=self.device.type == "cuda").numpy()
+            if rows.nbytes <= KEEP_BYTES:
+                self._rows = rows
+        out = rows[:n]
+        np.concatenate(parts, out=out)
+        self._gathered = torch.from_numpy(out)
+        return self._gathered
+
     def _forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         """Every head's output (a multi-task model's forward_all), in chunks of the archive's forward_rows, the
-        batch size this model runs fastest at (measured by `gradserve package`)."""
-        step = self.manifest.forward_rows or len(x)
+        batch size this model runs fastest at on the packaging machine's CPU (measured by `gradserve package`); on
+        a GPU, in one forward."""
+        step = (self.manifest.forward_rows if self.device.type == "cpu" else None) or len(x)
         parts = [self.forward(c) for c in x.split(step)]
         return parts[0] if len(parts) == 1 else {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
 

@@ -106,6 +106,14 @@ class TorchServeSection:
     # TorchServe's JVM (handlers/sharedmem.py); 0 or "" sends every request inline.
     shared_memory_dir: str = "/dev/shm"
     shared_memory_min_bytes: int = 64 * 1024
+    # GPUs TorchServe spreads the workers over (its number_of_gpu): None, every GPU it finds (nvidia-smi); 0, the
+    # CPU only, also on a machine with GPUs.
+    gpus: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.gpus is not None and self.gpus < 0:
+            raise ValueError(f"torchserve.gpus must be 0 or more (0: CPU only), or left out for every GPU; "
+                             f"got {self.gpus}")
 
 
 @dataclass(frozen=True)

@@ -5,6 +5,7 @@ socket server, the peers' model against the handler's, and the bench's word on a
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import json
 import subprocess
@@ -16,7 +17,7 @@ import numpy as np
 import pytest
 from run_fixtures import make_run
 
-from bench import backend_transport, frontdoor_ab, harness, loadgen, peer_stacks, rest_parse
+from bench import backend_transport, cuda_check, frontdoor_ab, harness, loadgen, peer_stacks, rest_parse
 from bench.models import sample_rows
 from bench.peers.model import PeerModel
 from gradserve.errors import UsageError
@@ -157,6 +158,32 @@ def test_frontdoor_ab_settings_are_dotted_names_with_yaml_values() -> None:
         "package": {"optimize": True}}
     with pytest.raises(UsageError, match="name=value"):
         frontdoor_ab.sections(["event_loop"])
+
+
+def test_cuda_check_without_a_gpu_runs_dry_on_the_cpu_and_writes_every_figure(tmp_path: Path) -> None:
+    """The GPU check's script on a CPU (--dry-run, both handlers on the CPU): agreement 0, a row alone as in its
+    batch within 1e-5, and rows/s for every row count up to the archive's max_rows. Without --dry-run it refuses."""
+    from training.package import PackageConfig, package
+
+    archive = package(make_run(tmp_path / "runs"), PackageConfig(model_store=str(tmp_path / "store"), max_rows=64))
+    out = tmp_path / "cuda.json"
+    assert cuda_check.main(["--archive", str(archive), "--seconds", "0.02", "--dry-run", "--out", str(out)]) == 0
+    (model,) = json.loads(out.read_text())["models"]
+    assert model["agreement"]["gpu_vs_cpu"] == 0 and max(model["agreement"].values()) < 1e-5
+    assert [r["rows"] for r in model["throughput"]] == [1, 16, 64]
+    assert all(v > 0 for r in model["throughput"] for v in r.values())
+    if not cuda_check.torch.cuda.is_available():
+        with pytest.raises(SystemExit):
+            cuda_check.main(["--archive", str(archive)])
+
+
+def test_frontdoor_ab_loads_and_ways_are_read_or_refused_with_the_form() -> None:
+    assert frontdoor_ab.loads("1x1,32x64") == ((1, 1), (32, 64))
+    assert frontdoor_ab.ways("grpc,rest") == ("grpc", "rest")
+    with pytest.raises(argparse.ArgumentTypeError, match="concurrency x rows, e.g. 1x1"):
+        frontdoor_ab.loads("64")
+    with pytest.raises(argparse.ArgumentTypeError, match="some of grpc,stream,rest"):
+        frontdoor_ab.ways("grpc,soap")
 
 
 @pytest.mark.timeout(900)

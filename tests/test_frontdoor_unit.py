@@ -42,7 +42,7 @@ from server.lifecycle import ModelManager
 from server.models import Archive
 from server.rest import create_app
 from server.torchserve.client import TorchServeClient, backend_error
-from server.torchserve.process import Endpoint
+from server.torchserve.process import Endpoint, TorchServe
 
 MANIFEST = {
     "name": "digits", "version": "1.0", "platform": "pytorch_torchserve", "max_rows": 16, "labels": list("0123456789"),
@@ -169,6 +169,18 @@ def test_the_front_door_runs_on_the_event_loop_its_config_names(name: str) -> No
 def test_an_unknown_event_loop_is_refused_with_the_choices() -> None:
     with pytest.raises(ConfigError, match="event_loop must be one of .*uvloop.*asyncio.*'tokio'"):
         build(ServeConfig, {"event_loop": "tokio"})
+
+
+@pytest.mark.parametrize(("gpus", "line"), [(None, None), (0, "number_of_gpu=0"), (2, "number_of_gpu=2")])
+def test_torchserve_gets_the_gpus_the_config_gives_it(gpus: int | None, line: str | None, tmp_path: Path) -> None:
+    config = build(ServeConfig, {"model_store": str(tmp_path), "torchserve": {"gpus": gpus}})
+    properties = TorchServe(server_main.torchserve_config(config)).properties().splitlines()
+    assert [p for p in properties if p.startswith("number_of_gpu")] == ([line] if line else [])
+
+
+def test_a_negative_gpu_count_is_refused_with_what_to_write() -> None:
+    with pytest.raises(ConfigError, match=r"torchserve.gpus must be 0 or more \(0: CPU only\)"):
+        build(ServeConfig, {"torchserve": {"gpus": -1}})
 
 
 @pytest.mark.parametrize(("status", "text", "expected"), [

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import logging
 import os
@@ -302,3 +303,41 @@ def test_an_archive_packaged_to_optimize_serves_its_compiled_forward_within_1e5(
     for i in (0, 42, 99):
         alone = codec.decode(h.handle([request(x[i:i + 1])], context(Path()))[0]).tensors["logits"]
         np.testing.assert_allclose(alone[0], whole[i], atol=1e-5, rtol=0)
+
+
+def test_rows_are_gathered_and_standardised_in_the_handlers_own_buffer_never_a_callers(
+        handler: GradserveHandler, reference: torch.nn.Module, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A call's rows are copied into a buffer the worker keeps between calls and standardised there in place: calls
+    that grow and shrink answer as the model on (x - mean) / std, a call over KEEP_BYTES gets a buffer of its own
+    that is not kept, and a tensor handed to inference() is left as it was."""
+    monkeypatch.setattr(handler, "transform", dataclasses.replace(handler.transform, mean=(0.5,), std=(0.25,)))
+    monkeypatch.setattr(handler, "_rows", None)
+    monkeypatch.setattr(handler_module, "KEEP_BYTES", 40 * 64 * 4)  # 40 rows of 1x8x8 float32
+    rng = np.random.default_rng(11)
+    for n, kept in ((5, 5), (40, 40), (3, 40), (41, 40), (40, 40)):
+        x = rng.random((n, 1, 8, 8), dtype=np.float32)
+        answers = handler.handle([request(x[:2]), request(x[2:])], context(Path()))
+        logits = np.concatenate([codec.decode(a).tensors["logits"] for a in answers])
+        np.testing.assert_allclose(logits, expected(reference, (x - 0.5) / 0.25), atol=1e-5, rtol=0)
+        assert len(handler._rows) == kept
+    mine = torch.from_numpy(rng.random((4, 1, 8, 8), dtype=np.float32))
+    before = mine.clone()
+    handler.inference(mine)
+    assert torch.equal(mine, before)
+
+
+def test_on_a_gpu_a_call_is_forwarded_at_once_on_a_cpu_in_the_archives_chunks(
+        handler: GradserveHandler, monkeypatch: pytest.MonkeyPatch) -> None:
+    """forward_rows is the fastest batch size of the packaging machine's CPU; on the H200 one forward of 1024
+    rows ran 2-10x the rows/s of the same rows in chunks of 64 (bench/results/2026-11-30-device-h200)."""
+    sizes: list[int] = []
+    forward = handler.forward
+    monkeypatch.setattr(handler, "forward", lambda x: sizes.append(len(x)) or forward(x))
+    monkeypatch.setattr(handler, "manifest", dataclasses.replace(handler.manifest, forward_rows=7))
+    x = torch.rand(20, 1, 8, 8)
+    handler._forward(x)
+    assert sizes == [7, 7, 6]
+    sizes.clear()
+    monkeypatch.setattr(handler, "device", torch.device("cuda", 0))  # _forward itself never touches the device
+    handler._forward(x)
+    assert sizes == [20]

@@ -51,6 +51,7 @@ class TorchServeConfig:
     token_expiration_min: float = 60.0
     job_queue_size: int = 1000            # requests queued per model before TorchServe answers 503
     netty_threads: int = 0                # 0: TorchServe's default (number of cores)
+    number_of_gpu: int | None = None      # None: TorchServe's default (every GPU nvidia-smi lists); 0: CPU only
     max_request_size: int = 64 * 1024 * 1024
     enable_metrics_api: bool = False
     enable_model_api: bool = False        # the front door turns it on to load and unload archives itself
@@ -146,6 +147,8 @@ class TorchServe:
         }
         if c.netty_threads:
             lines["number_of_netty_threads"] = c.netty_threads
+        if c.number_of_gpu is not None:
+            lines["number_of_gpu"] = c.number_of_gpu
         return "".join(f"{k}={v}\n" for k, v in lines.items())
 
     def stop(self, grace: float = 10.0) -> None:
