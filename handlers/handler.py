@@ -15,6 +15,7 @@ import inspect
 import logging
 import os
 import sys
+import threading
 from collections import Counter
 from collections.abc import Sequence
 from itertools import accumulate
@@ -81,8 +82,9 @@ class GradserveHandler(BaseHandler):
         self.transform = Preprocess.from_dict(self.manifest.preprocess)  # the input contract and its statistics
         self.class_names = np.array([name.encode() for name in self.manifest.labels], dtype=object)
         self.batch_sizes: Counter[int] = Counter()  # requests per handle() call, as TorchServe batched them
-        self._rows: np.ndarray | None = None  # the calls' inputs are gathered here (_gather)
-        self._gathered: torch.Tensor | None = None  # this call's (a view of _rows, or a bigger call's own)
+        # Each thread's calls gather their inputs in its own buffer (_gather): TorchServe makes one call at a time,
+        # but a local batch job calls one handler from several threads at once.
+        self._mine = threading.local()
         if os.environ.get(QUIET_METRICS_ENV) == "1":  # not printed at all: 5-7% of a worker's CPU on single rows
             logging.getLogger("ts.metrics").setLevel(logging.WARNING)
             logging.getLogger().addFilter(_not_per_call)
@@ -111,7 +113,7 @@ class GradserveHandler(BaseHandler):
         wants = [outputs for _, outputs in valid]  # the call computes what any of its requests wants
         wanted = None if None in wants else sorted({name for outputs in wants for name in outputs or ()})
         outputs = self.inference(x, wanted)
-        self._gathered = None  # a call bigger than KEEP_BYTES had a buffer of its own: not held until the next
+        self._mine.gathered = None  # a call bigger than KEEP_BYTES had a buffer of its own: not kept till the next
         answers = iter(self.postprocess(outputs, [len(rows) for rows, _ in valid]))
         return [next(answers) if isinstance(p, tuple) else p for p in parsed]
 
@@ -126,7 +128,7 @@ class GradserveHandler(BaseHandler):
         self.threads.use(len(data))
         with torch.inference_mode():
             x = data.to(self.device, non_blocking=True)
-            x = self.transform.standardize(x, inplace=x is not data or data is self._gathered)  # never a caller's
+            x = self.transform.standardize(x, inplace=x is not data or data is self._gathered())  # never a caller's
             heads = self._forward(x)  # {"logits": (N, K), ...}
             out = heads.pop("logits")
             if self.manifest.task == "regression":
@@ -139,20 +141,23 @@ class GradserveHandler(BaseHandler):
             return {name: make() for name, make in every.items() if name in wanted}
 
     def _gather(self, parts: list[np.ndarray]) -> torch.Tensor:
-        """The requests' rows as one tensor in a buffer this handler keeps across calls (up to KEEP_BYTES), pinned
+        """The requests' rows as one tensor in a buffer this thread keeps across calls (up to KEEP_BYTES), pinned
         on a GPU so that the copy to the device runs at full speed. A fresh tensor per call cost more than the copy:
         standardising ResNet's 1024-row calls out of place took 36 ms, in place 2.5 (2 cores)."""
         n, first = sum(len(p) for p in parts), parts[0]
-        rows = self._rows
+        rows = getattr(self._mine, "rows", None)
         if rows is None or len(rows) < n or rows.shape[1:] != first.shape[1:] or rows.dtype != first.dtype:
             dtype = torch.from_numpy(first[:0].copy()).dtype
             rows = torch.empty((n, *first.shape[1:]), dtype=dtype, pin_memory=self.device.type == "cuda").numpy()
             if rows.nbytes <= KEEP_BYTES:
-                self._rows = rows
+                self._mine.rows = rows
         out = rows[:n]
         np.concatenate(parts, out=out)
-        self._gathered = torch.from_numpy(out)
-        return self._gathered
+        self._mine.gathered = torch.from_numpy(out)
+        return self._mine.gathered
+
+    def _gathered(self) -> torch.Tensor | None:
+        return getattr(self._mine, "gathered", None)
 
     def _forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         """Every head's output (a multi-task model's forward_all), in chunks of the archive's forward_rows, the

@@ -7,6 +7,8 @@ import inspect
 import logging
 import os
 import shutil
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -311,7 +313,7 @@ def test_rows_are_gathered_and_standardised_in_the_handlers_own_buffer_never_a_c
     that grow and shrink answer as the model on (x - mean) / std, a call over KEEP_BYTES gets a buffer of its own
     that is not kept, and a tensor handed to inference() is left as it was."""
     monkeypatch.setattr(handler, "transform", dataclasses.replace(handler.transform, mean=(0.5,), std=(0.25,)))
-    monkeypatch.setattr(handler, "_rows", None)
+    monkeypatch.setattr(handler, "_mine", threading.local())
     monkeypatch.setattr(handler_module, "KEEP_BYTES", 40 * 64 * 4)  # 40 rows of 1x8x8 float32
     rng = np.random.default_rng(11)
     for n, kept in ((5, 5), (40, 40), (3, 40), (41, 40), (40, 40)):
@@ -319,7 +321,7 @@ def test_rows_are_gathered_and_standardised_in_the_handlers_own_buffer_never_a_c
         answers = handler.handle([request(x[:2]), request(x[2:])], context(Path()))
         logits = np.concatenate([codec.decode(a).tensors["logits"] for a in answers])
         np.testing.assert_allclose(logits, expected(reference, (x - 0.5) / 0.25), atol=1e-5, rtol=0)
-        assert len(handler._rows) == kept
+        assert len(handler._mine.rows) == kept
     mine = torch.from_numpy(rng.random((4, 1, 8, 8), dtype=np.float32))
     before = mine.clone()
     handler.inference(mine)
@@ -341,3 +343,22 @@ def test_on_a_gpu_a_call_is_forwarded_at_once_on_a_cpu_in_the_archives_chunks(
     monkeypatch.setattr(handler, "device", torch.device("cuda", 0))  # _forward itself never touches the device
     handler._forward(x)
     assert sizes == [20]
+
+
+def test_calls_from_several_threads_at_once_each_get_their_own_rows_answered(
+        handler: GradserveHandler, reference: torch.nn.Module, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A local batch job calls one handler from several threads at once (TorchServe never does): each thread
+    gathers its rows in its own buffer, so no call is answered with another's rows."""
+    monkeypatch.setattr(handler, "transform", dataclasses.replace(handler.transform, mean=(0.5,), std=(0.25,)))
+
+    def calls(seed: int) -> float:
+        rng = np.random.default_rng(seed)
+        worst = 0.0
+        for _ in range(15):
+            x = rng.random((int(rng.integers(1, 257)), 1, 8, 8), dtype=np.float32)
+            logits = codec.decode(handler.handle([request(x)], context(Path()))[0]).tensors["logits"]
+            worst = max(worst, float(np.abs(logits - expected(reference, (x - 0.5) / 0.25)).max()))
+        return worst
+
+    with ThreadPoolExecutor(4) as pool:
+        assert max(pool.map(calls, range(4))) <= 1e-5
