@@ -56,14 +56,17 @@ class Connection:
     async def send(self, request: bytes | Sequence[bytes]) -> tuple[int, bytes]:
         """(status, body) of one request/answer exchange; any failure closes the connection and raises.
         `request` may come in parts (a head and a body), written without joining them."""
-        if self.writer is None:
+        if self.writer is None or self.writer.is_closing():  # not yet open, or the server closed it while idle
             self.reader, self.writer = await asyncio.open_connection(self.host, self.port, limit=1 << 20)
             self.answered = 0
         reader, writer = self.reader, self.writer  # close() from elsewhere must not pull them from under this call
         assert reader is not None
         try:
             parts = [request] if isinstance(request, bytes) else request
-            writer.writelines(parts)
+            try:
+                writer.writelines(parts)
+            except RuntimeError as e:  # uvloop, on a transport closed under this call (asyncio drops the bytes)
+                raise ConnectionResetError(f"the connection closed: {e}") from None
             if sum(len(p) for p in parts) >= LARGE:
                 await writer.drain()
             head = await reader.readuntil(HEADER_END)

@@ -136,10 +136,9 @@ class ServeConfig:
     coalesce: Coalesce = field(default_factory=Coalesce)
     torchserve: TorchServeSection = field(default_factory=TorchServeSection)
     shutdown: Shutdown = field(default_factory=Shutdown)
-    # The event loop gRPC, REST and the calls to TorchServe share: the standard library's (asyncio), or uvloop
-    # (1-22% less front-door CPU per request in most cells of bench/results/2026-11-30-ab-uvloop-digits.txt, but a
-    # TorchServe killed under calls then fails some of them INTERNAL instead of UNAVAILABLE: not the default yet).
-    event_loop: str = "asyncio"
+    # The event loop gRPC, REST and the calls to TorchServe share: uvloop (1-22% less front-door CPU per request in
+    # most cells of bench/results/2026-11-30-ab-uvloop-digits.txt), or the standard library's (asyncio).
+    event_loop: str = "uvloop"
 
     def __post_init__(self) -> None:
         if self.event_loop not in EVENT_LOOPS:
