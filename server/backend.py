@@ -201,8 +201,8 @@ class Backend:
             payload = codec.encode_ref(*placed) if placed else b"".join(parts)
             answer = await self._server.predict(loaded.internal, payload, deadline)
         finally:
-            if placed:
-                PayloadArea.remove(placed[0])
+            if placed and self._payloads is not None:
+                self._payloads.release(*placed)  # kept for the next payload of its size, or removed
         try:
             message = codec.decode(answer)
         except codec.CodecError as e:

@@ -99,3 +99,27 @@ def test_a_dead_front_doors_directory_is_removed_at_the_next_start(tmp_path: Pat
     area = PayloadArea.open(str(tmp_path), 1)
     assert area is not None
     assert not orphan.exists() and live.exists() and other.exists() and area.directory.exists()
+
+
+def test_a_released_file_carries_the_next_payload_of_its_size_and_idle_files_are_capped(
+        area: PayloadArea, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Writing into a file tmpfs already holds costs a fifth of creating and removing one: a file whose call
+    ended carries the next payload of exactly its size (never truncated: a late reader cannot fault past its end);
+    other sizes get files of their own; idle files beyond KEEP_IDLE_BYTES are removed, oldest first."""
+    a, b = (np.full((4, 3), v, np.float32) for v in (1.0, 2.0))
+    first = area.write(codec.encode_parts({"input": a}))
+    assert first is not None
+    area.release(*first)
+    again = area.write(codec.encode_parts({"input": b}))
+    assert again == first  # the same file, now holding b
+    np.testing.assert_array_equal(codec.decode(sharedmem.load(*again)).tensors["input"], b)
+    other = area.write(codec.encode_parts({"input": np.zeros((5, 3), np.float32)}))
+    assert other is not None and other[0] != first[0]
+    monkeypatch.setattr(sharedmem, "KEEP_IDLE_BYTES", again[1] + other[1] - 1)
+    area.release(*again)
+    area.release(*other)  # both idle would be one byte too many: the older one goes
+    assert sorted(p.name for p in area.directory.iterdir()) == [Path(other[0]).name]
+    big = area.write([b"GSv1", b"x" * (again[1] + other[1])])
+    assert big is not None
+    area.release(*big)  # bigger than what may stay idle: removed at once
+    assert not Path(big[0]).exists()
