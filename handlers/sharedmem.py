@@ -11,9 +11,9 @@ call in flight; a directory whose process is gone is removed at the next start. 
 kept for the next payload of exactly its size (at most KEEP_IDLE_BYTES of idle files), else removed: writing into
 a file tmpfs already holds cost a fifth of creating and removing one (3 MB: 0.24 against 1.2 ms). A kept file is
 never truncated, so a handler still mapping it (a call that timed out) reads stale bytes at worst, never past the
-end of the file. Writing can
-fail (a full /dev/shm: Docker and Kubernetes give it 64 MiB unless told otherwise); the call then goes inline, as
-it does for an archive whose handler predates this file (the manifest's `payload_refs`).
+end of the file. Writing can fail (a full /dev/shm: Docker and Kubernetes give it 64 MiB unless told otherwise);
+the call then goes inline, as it does for an archive whose handler predates this file (the manifest's
+`payload_refs`).
 The handler maps only regular files of its own user inside such a directory, so a request cannot make it read
 anything else. This file imports only the standard library, because it ships inside the model archive.
 """
