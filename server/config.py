@@ -109,8 +109,14 @@ class TorchServeSection:
     # GPUs TorchServe spreads the workers over (its number_of_gpu): None, every GPU it finds (nvidia-smi); 0, the
     # CPU only, also on a machine with GPUs.
     gpus: int | None = None
+    # Options for TorchServe's JVM after ours (server/torchserve/process.py), e.g. ["-Xmx2g"] in a container
+    # with a memory limit; where one sets a property ours sets too, it wins.
+    jvm_options: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
+        if any(not isinstance(o, str) or not o.startswith("-") or " " in o for o in self.jvm_options):
+            raise ValueError(f"torchserve.jvm_options are java options, one per item, each starting with - and "
+                             f"without spaces (e.g. [-Xmx2g]); got {list(self.jvm_options)}")
         if self.gpus is not None and self.gpus < 0:
             raise ValueError(f"torchserve.gpus must be 0 or more (0: CPU only), or left out for every GPU; "
                              f"got {self.gpus}")

@@ -100,7 +100,8 @@ def torchserve_config(config: ServeConfig) -> TorchServeConfig:
         model_store=Path(config.model_store), workdir=Path(config.torchserve.workdir), models=(),
         enable_model_api=True, token_expiration_min=config.torchserve.token_expiration_min,
         max_request_size=config.limits.max_message_bytes + config.limits.envelope_bytes,
-        job_queue_size=config.torchserve.queue_size, number_of_gpu=config.torchserve.gpus)
+        job_queue_size=config.torchserve.queue_size, number_of_gpu=config.torchserve.gpus,
+        jvm_options=config.torchserve.jvm_options)
 
 
 async def serve(config: ServeConfig, on_ready: Callable[[], None] | None = None) -> int:

@@ -178,6 +178,21 @@ def test_torchserve_gets_the_gpus_the_config_gives_it(gpus: int | None, line: st
     assert [p for p in properties if p.startswith("number_of_gpu")] == ([line] if line else [])
 
 
+def test_torchserve_gets_our_jvm_options_then_the_configs(tmp_path: Path) -> None:
+    config = build(ServeConfig, {"model_store": str(tmp_path), "torchserve": {"jvm_options": ["-Xmx2g"]}})
+    properties = dict(line.split("=", 1) for line in
+                      TorchServe(server_main.torchserve_config(config)).properties().splitlines())
+    ours, theirs = properties["vmargs"].rsplit(" ", 1)
+    parallelism = int(ours.removeprefix("-Djava.util.concurrent.ForkJoinPool.common.parallelism="))
+    assert parallelism >= 2 and theirs == "-Xmx2g"
+
+
+@pytest.mark.parametrize("options", [["-Xmx2g -Xms1g"], ["Xmx2g"], [2]])
+def test_jvm_options_that_java_would_misread_are_refused(options: list[object]) -> None:
+    with pytest.raises(ConfigError, match=r"one per item, each starting with - and without spaces"):
+        build(ServeConfig, {"torchserve": {"jvm_options": options}})
+
+
 def test_a_negative_gpu_count_is_refused_with_what_to_write() -> None:
     with pytest.raises(ConfigError, match=r"torchserve.gpus must be 0 or more \(0: CPU only\)"):
         build(ServeConfig, {"torchserve": {"gpus": -1}})

@@ -8,6 +8,8 @@ import ipaddress
 import json
 import os
 import re
+import struct
+import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -87,6 +89,32 @@ def test_its_workers_are_told_that_their_metric_lines_are_dropped(torchserve: To
     workers = [p for p in psutil.Process(torchserve.pid).children(recursive=True)
                if "model_service_worker" in " ".join(p.cmdline())]
     assert workers and all(p.environ().get(QUIET_METRICS_ENV) == "1" for p in workers)
+
+
+def test_the_jvm_does_not_start_a_thread_for_every_call(torchserve: TorchServe) -> None:
+    """TorchServe hands each call to its worker as a task on the common ForkJoinPool; where that pool's parallelism
+    is 1 (2 cores) Java runs every task on a new thread. Our JVM options keep the pool (process.jvm_options)."""
+    (java,) = [p for p in psutil.Process(torchserve.pid).children(recursive=True) if p.name() == "java"]
+    stub, metadata = predictions_stub(torchserve)
+    payload = codec.encode({"input": digits()[0][:1]})
+    started = _jvm_counter(java.pid, "java.threads.started")
+    for _ in range(100):
+        stub.Predictions(torchserve_pb2.PredictionsRequest(model_name="digits", input={"data": payload}),
+                         metadata=metadata, timeout=30)
+    assert _jvm_counter(java.pid, "java.threads.started") - started < 20
+
+
+def _jvm_counter(pid: int, name: str) -> int:
+    """A counter of a running HotSpot JVM from its perf data file (what `jcmd PID PerfCounter.print` reads)."""
+    data = Path(tempfile.gettempdir(), f"hsperfdata_{psutil.Process(pid).username()}", str(pid)).read_bytes()
+    order = "<" if data[4] == 1 else ">"
+    entry, count = struct.unpack_from(f"{order}ii", data, 24)
+    for _ in range(count):
+        length, name_at, _, kind, _, _, _, data_at = struct.unpack_from(f"{order}iiicBBBi", data, entry)
+        if data[entry + name_at:data.index(b"\0", entry + name_at)].decode() == name and kind == b"J":
+            return int(struct.unpack_from(f"{order}q", data, entry + data_at)[0])
+        entry += length
+    raise KeyError(name)
 
 
 def test_missing_java_says_what_to_install(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:

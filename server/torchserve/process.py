@@ -56,11 +56,13 @@ class TorchServeConfig:
     enable_metrics_api: bool = False
     enable_model_api: bool = False        # the front door turns it on to load and unload archives itself
     log_config: Path | None = LOG_CONFIG  # None: TorchServe's own log4j2.xml (several lines per request)
+    jvm_options: tuple[str, ...] = ()     # after jvm_options()'s: a property set in both takes this one
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "model_store", Path(self.model_store).resolve())
         object.__setattr__(self, "workdir", Path(self.workdir).resolve())
         object.__setattr__(self, "models", tuple(self.models))
+        object.__setattr__(self, "jvm_options", tuple(self.jvm_options))
 
 
 @dataclass(frozen=True)
@@ -71,6 +73,14 @@ class Endpoint:
     management_url: str  # "http://127.0.0.1:<management port>"
     inference_url: str  # "http://127.0.0.1:<inference port>"
     key_file: Path
+
+
+def jvm_options() -> list[str]:
+    """Our options for TorchServe's JVM. Its worker threads hand each call to their Python worker through
+    `CompletableFuture.runAsync` on the common ForkJoinPool, whose parallelism is the JVM's cores - 1. At 1 (2
+    cores, or a container limited to 2 CPUs) Java runs each such task on a thread of its own: TorchServe started
+    and ended a thread for every call (JFR: 2526 in 10 s at 253 calls/s). At least 2 keeps the pool's threads."""
+    return [f"-Djava.util.concurrent.ForkJoinPool.common.parallelism={max(2, len(os.sched_getaffinity(0)) - 1)}"]
 
 
 class TorchServeError(RuntimeError):
@@ -147,6 +157,7 @@ class TorchServe:
         }
         if c.netty_threads:
             lines["number_of_netty_threads"] = c.netty_threads
+        lines["vmargs"] = " ".join([*jvm_options(), *c.jvm_options])
         if c.number_of_gpu is not None:
             lines["number_of_gpu"] = c.number_of_gpu
         return "".join(f"{k}={v}\n" for k, v in lines.items())
