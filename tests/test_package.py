@@ -180,6 +180,22 @@ def test_a_users_package_travels_whole_and_its_code_is_checked(tmp_path: Path) -
         LocalModel(tampered)
 
 
+def test_the_archive_carries_the_code_the_run_was_trained_with(tmp_path: Path) -> None:
+    """The run keeps a copy of the model code: edited, or gone (the run moved to another machine), the code beside
+    the config is not what the archive ships."""
+    import shutil
+
+    run = user_run(tmp_path)
+    trained = (tmp_path / "code" / "mynet" / "layers.py").read_bytes()
+    assert (run / "code" / "mynet" / "layers.py").read_bytes() == trained
+    (tmp_path / "code" / "mynet" / "layers.py").write_text("raise ImportError('edited after training')\n")
+    moved = tmp_path / "elsewhere" / "wine"
+    shutil.move(run, moved)
+    shutil.rmtree(tmp_path / "code")
+    archive = package(moved, PackageConfig(model_store=str(tmp_path / "store")), allow_fallback=True)
+    assert read(archive, "mynet/layers.py") == trained
+
+
 @pytest.mark.parametrize(("name", "words"), [
     ("torch", "shadows 'torch' that the serving environment already has"),  # site-packages
     ("psutil", "shadows 'psutil' that the serving environment already has"),

@@ -21,8 +21,18 @@ import training.model
 from gradserve.errors import UsageError
 from handlers.factory import BUILTIN, ModelSpec
 
+RUN_CODE = "code"  # a run's copy of the user's model code as it was trained (training/train.py)
+
 # Top-level names the archive itself uses: the handler's packages and the handler module.
 RESERVED = {"training", "handlers", "handler", "server", "client", "gradserve", "bench", "ts", "model_archiver"}
+
+
+def trained_code_dir(run: Path, config: dict[str, object]) -> str | None:
+    """Where a run's model code is: its own copy, or (runs trained before it kept one) the checkpoint config's
+    code_dir."""
+    kept = Path(run) / RUN_CODE
+    code_dir = config.get("code_dir")
+    return str(kept) if kept.is_dir() else str(code_dir) if code_dir else None
 
 
 def stage_model_code(spec: ModelSpec, code_dir: str | None, into: Path) -> dict[str, str]:

@@ -36,7 +36,7 @@ from handlers.preprocess import Preprocess
 from handlers.threads import PARALLEL_ROWS, Threads
 from training.archive_check import check_archive
 from training.forward_rows import fastest_rows
-from training.model_code import sha256, stage_model_code
+from training.model_code import sha256, stage_model_code, trained_code_dir
 
 
 @dataclass(frozen=True)
@@ -104,7 +104,8 @@ def package(run: Path, config: PackageConfig, allow_fallback: bool = False, forc
         stage, extra = Path(tmp), Path(tmp) / "extra"
         _stage_handlers(extra)
         spec = ModelSpec.from_dict(checkpoint["model_config"])
-        code = stage_model_code(spec, checkpoint["config"].get("code_dir"), extra)
+        code_dir = trained_code_dir(run, checkpoint["config"])
+        code = stage_model_code(spec, code_dir, extra)
         weights = stage / "weights.pt"
         torch.save(checkpoint["state_dict"], weights)
         torchserve_config: dict[str, Any] = {
@@ -114,7 +115,7 @@ def package(run: Path, config: PackageConfig, allow_fallback: bool = False, forc
                         "optimize": config.optimize}}
         if config.max_workers:  # without them: one worker per core where it is served
             torchserve_config.update(minWorkers=config.min_workers, maxWorkers=config.max_workers)
-        rows = _forward_rows(config, spec, checkpoint, Threads.from_config(torchserve_config).most)
+        rows = _forward_rows(config, spec, checkpoint, code_dir, Threads.from_config(torchserve_config).most)
         manifest = replace(_manifest(name, config, chosen, checkpoint, sha256(weights), allow_fallback, code),
                            forward_rows=rows)
         manifest.write(extra / MANIFEST_FILE)
@@ -130,14 +131,15 @@ def package(run: Path, config: PackageConfig, allow_fallback: bool = False, forc
     return store / f"{name}.mar"
 
 
-def _forward_rows(config: PackageConfig, spec: ModelSpec, checkpoint: dict[str, Any], threads: int) -> int:
+def _forward_rows(config: PackageConfig, spec: ModelSpec, checkpoint: dict[str, Any], code_dir: str | None,
+                  threads: int) -> int:
     """The configured chunk, or the fastest one for the trained model on this machine (training/forward_rows.py),
     on the threads a worker gives a big call."""
     if config.forward_rows is not None:
         return config.forward_rows
     from training.setup import put_code_on_path
 
-    put_code_on_path(checkpoint["config"].get("code_dir"), spec.factory)
+    put_code_on_path(code_dir, spec.factory)
     model = spec.build()
     model.load_state_dict(checkpoint["state_dict"])
     forward = for_inference(model.eval(), spec.in_shape, torch.device("cpu"), config.optimize)[0]

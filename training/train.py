@@ -44,10 +44,12 @@ import torch.distributed as torch_dist
 from tqdm import tqdm
 
 from gradserve.errors import UsageError
+from handlers.factory import BUILTIN
 from training import checkpoint
 from training.config import TrainConfig
 from training.data import Splits, batches, shard_indices
 from training.distributed import Dist
+from training.model_code import RUN_CODE, stage_model_code
 from training.monitor import clip_grads_, global_grad_norm, grads_of
 from training.multitask.objective import MultitaskObjective
 from training.objective import Objective, RegressionObjective
@@ -151,6 +153,7 @@ def start_or_resume(run: Run, resume: bool, started: float) -> TrainState:
         state = TrainState(started=started)
         if run.dist.is_main:
             fresh_run_dir(run.run_dir)
+            keep_model_code(run)
             # Baseline: the freshly initialised model's validation loss, in eval mode (BatchNorm stats untouched).
             state.baseline_loss, fields = run.objective.evaluate(run.model, run.data.val, run.device)
             ratio = run.cfg.selection.loss_ratio
@@ -166,9 +169,22 @@ def start_or_resume(run: Run, resume: bool, started: float) -> TrainState:
 def fresh_run_dir(run_dir: Path) -> None:
     """Start a run from nothing: the artifacts of an earlier run of the same name would mix with ours."""
     shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
+    shutil.rmtree(run_dir / RUN_CODE, ignore_errors=True)
     for name in ("metrics.jsonl", "selection.json", "summary.json", "report.png", "tasks.png"):
         (run_dir / name).unlink(missing_ok=True)
     (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
+
+
+def keep_model_code(run: Run) -> None:
+    """A copy of the user's model code as it is now, in run_dir/code, where `gradserve package` takes it from: the
+    archive carries the code these weights were trained with, even if the files change or the run moves to
+    another machine. A module packaging would refuse (a name the serving side has) is left for it to explain."""
+    if run.model_spec.factory == BUILTIN:
+        return  # the archive carries this checkout's training/model.py
+    try:
+        stage_model_code(run.model_spec, run.cfg.code_dir, run.run_dir / RUN_CODE)
+    except UsageError as e:
+        run.say(f"the model code is not kept with the run: {e}")
 
 
 def keep_metrics_until(path: Path, iterations_done: int) -> None:
