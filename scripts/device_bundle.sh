@@ -71,5 +71,7 @@ for run in map(Path, sys.argv[2:]):
     for name in keep:
         (into / run / name).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(run / name, into / run / name)
+    if (run / "code").is_dir():  # the model code the run was trained with (runs from before it kept one: none)
+        shutil.copytree(run / "code", into / run / "code", dirs_exist_ok=True)
 EOF
 du -sh "$B"
