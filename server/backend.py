@@ -23,6 +23,7 @@ from handlers import codec
 from handlers.manifest import InvalidRows, Manifest, validate_rows
 from handlers.sharedmem import PayloadArea
 from server import errors, metrics, oip
+from server.client_shm import Regions
 from server.coalescer import Coalescer, Outputs
 from server.config import ServeConfig
 from server.errors import DeadlineExceeded, InvalidInput, Overloaded, Unavailable
@@ -48,6 +49,8 @@ class Backend:
         self._models = models
         self._server = server
         self._payloads = payloads  # large requests go to the handler through shared memory (None: all inline)
+        # Clients' shared memory their inputs may be read from (server/client_shm.py).
+        self.regions = Regions(max_read_bytes=config.limits.max_message_bytes)
         self._observe = observe_group or (lambda model, rows: None)
         self._in_flight = 0
         self._draining = False
@@ -143,9 +146,10 @@ class Backend:
         self._readiness_changed()
 
     def close(self) -> None:
-        """Stopped: remove the shared-memory payload directory."""
+        """Stopped: remove the shared-memory payload directory, let go of the clients' regions."""
         if self._payloads is not None:
             self._payloads.close()
+        self.regions.close()
 
     # --- inference -----------------------------------------------------------------------------------------
 

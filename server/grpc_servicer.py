@@ -16,7 +16,7 @@ import numpy as np
 
 from handlers import codec
 from handlers.manifest import Manifest
-from server import auth, metrics, oip
+from server import auth, client_shm, metrics, oip
 from server.auth import Tokens, grpc_authorized
 from server.backend import Backend
 from server.errors import InvalidInput, Unauthenticated, status_of
@@ -29,6 +29,7 @@ Handler = Callable[[Any, Request, grpc.aio.ServicerContext, metrics.Observation]
 
 TYPED_IN_THREAD = 65536  # typed values in a request beyond which it is decoded in a thread (floats excepted)
 STREAM_WINDOW = 16  # requests of one ModelStreamInfer stream answered at once
+REGION_BYTES_IN_THREAD = 1 << 20  # bytes from a client's shared memory beyond which a request reads in a thread
 
 # Typed contents field for each datatype (the protocol packs the small integer types into 32 bits).
 CONTENTS_FIELD = {
@@ -145,12 +146,47 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                 return pb.ModelStreamInferResponse(error_message=f"{status.grpc.name}: {message}",
                                                    infer_response=echo)
 
+    @rpc("SystemSharedMemoryRegister")
+    async def SystemSharedMemoryRegister(self, request: pb.SystemSharedMemoryRegisterRequest,
+                                         context: grpc.aio.ServicerContext, obs: metrics.Observation
+                                         ) -> pb.SystemSharedMemoryRegisterResponse:
+        obs.model = ""  # `name` is a region's here
+        self._backend.regions.register(request.name, request.key, request.offset, request.byte_size)
+        return pb.SystemSharedMemoryRegisterResponse()
+
+    @rpc("SystemSharedMemoryUnregister")
+    async def SystemSharedMemoryUnregister(self, request: pb.SystemSharedMemoryUnregisterRequest,
+                                           context: grpc.aio.ServicerContext, obs: metrics.Observation
+                                           ) -> pb.SystemSharedMemoryUnregisterResponse:
+        obs.model = ""
+        self._backend.regions.unregister(request.name)
+        return pb.SystemSharedMemoryUnregisterResponse()
+
+    @rpc("SystemSharedMemoryStatus")
+    async def SystemSharedMemoryStatus(self, request: pb.SystemSharedMemoryStatusRequest,
+                                       context: grpc.aio.ServicerContext, obs: metrics.Observation
+                                       ) -> pb.SystemSharedMemoryStatusResponse:
+        obs.model = ""
+        status = pb.SystemSharedMemoryStatusResponse.RegionStatus
+        return pb.SystemSharedMemoryStatusResponse(
+            regions={r["name"]: status(**r) for r in self._backend.regions.status(request.name)})
+
     async def _infer(self, request: pb.ModelInferRequest, obs: metrics.Observation, timeout: float | None
                      ) -> pb.ModelInferResponse:
-        # Raw contents decode without a copy; many typed values take a while: off the event loop, then.
+        if any(client_shm.wants_region(o.parameters) for o in request.outputs):
+            raise InvalidInput("outputs in shared memory are not supported: the outputs come back in the response "
+                               f"(leave out the outputs' {client_shm.REGION})")
+        # Raw contents decode without a copy; many typed values, or a region's bytes, take a while: off the event
+        # loop, then.
         typed = sum(len(getattr(t.contents, CONTENTS_FIELD.get(t.datatype, "fp32_contents"))) for t in request.inputs
                     if t.HasField("contents") and t.datatype not in WIRE_FLOATS)
-        inputs = await asyncio.to_thread(decode_inputs, request) if typed > TYPED_IN_THREAD else decode_inputs(request)
+        in_region = sum(_int_param(t.parameters[client_shm.BYTE_SIZE]) for t in request.inputs
+                        if client_shm.BYTE_SIZE in t.parameters)
+        regions = self._backend.regions
+        if typed > TYPED_IN_THREAD or in_region > REGION_BYTES_IN_THREAD:
+            inputs = await asyncio.to_thread(decode_inputs, request, regions)
+        else:
+            inputs = decode_inputs(request, regions)
         obs.rows = max((len(x) for x in inputs.values() if x.ndim), default=0)
         requested = [o.name for o in request.outputs]
         manifest, outputs = await self._backend.infer(request.model_name, request.model_version, inputs, requested,
@@ -177,18 +213,35 @@ def parameter(value: str | int | float | bool) -> pb.InferParameter:
     return pb.InferParameter(string_param=str(value))
 
 
-def decode_inputs(request: pb.ModelInferRequest) -> dict[str, np.ndarray]:
-    """The request's input tensors, from raw_input_contents (zero-copy views; BYTES length-prefixed) or typed
-    contents."""
-    raw = request.raw_input_contents
-    if raw and len(raw) != len(request.inputs):
-        raise InvalidInput(f"raw_input_contents has {len(raw)} entries for {len(request.inputs)} inputs; "
-                           "send one per input, in the order of `inputs`")
+def _int_param(value: pb.InferParameter) -> int:
+    return value.int64_param or value.uint64_param
+
+
+def decode_inputs(request: pb.ModelInferRequest, regions: client_shm.Regions | None = None
+                  ) -> dict[str, np.ndarray]:
+    """The request's input tensors, from raw_input_contents (zero-copy views; BYTES length-prefixed), typed
+    contents, or a registered shared memory region (an input whose parameters name one has no raw contents)."""
+    raw = list(request.raw_input_contents)
+    in_memory = [t for t in request.inputs if client_shm.REGION not in t.parameters]
+    if raw and len(raw) != len(in_memory):
+        raise InvalidInput(f"raw_input_contents has {len(raw)} entries for {len(in_memory)} inputs not in shared "
+                           "memory; send one per such input, in the order of `inputs`")
     inputs: dict[str, np.ndarray] = {}
-    for i, tensor in enumerate(request.inputs):
+    given = iter(raw)
+    for tensor in request.inputs:
         if tensor.name in inputs:
             raise InvalidInput(f"input {tensor.name!r} is given twice")
-        inputs[tensor.name] = decode_input(tensor, raw[i] if raw else None)
+        if client_shm.REGION in tensor.parameters:
+            if regions is None:
+                raise InvalidInput(f"input {tensor.name!r}: this server reads no shared memory")
+            if tensor.HasField("contents"):
+                raise InvalidInput(f"input {tensor.name!r}: send a shared memory region or contents, not both")
+            parameters = {k: getattr(v, v.WhichOneof("parameter_choice") or "string_param")
+                          for k, v in tensor.parameters.items()}
+            data = regions.read(tensor.name, parameters)
+            inputs[tensor.name] = oip.from_bytes(tensor.name, tensor.datatype, tensor.shape, data)
+        else:
+            inputs[tensor.name] = decode_input(tensor, next(given) if raw else None)
     return inputs
 
 

@@ -23,7 +23,7 @@ from server.errors import InvalidInput
 
 SERVER_NAME = "gradserve"
 SERVER_VERSION = gradserve.__version__
-EXTENSIONS = ("model_stream_infer", "binary_tensor_data")
+EXTENSIONS = ("model_stream_infer", "binary_tensor_data", "system_shared_memory")
 
 
 def server_metadata() -> dict[str, Any]:

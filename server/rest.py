@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import inspect
+import json
 import math
 import re
 from collections.abc import Awaitable, Callable
@@ -22,7 +23,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from server import auth, metrics, oip
+from server import auth, client_shm, metrics, oip
 from server.backend import Backend
 from server.config import ServeConfig
 from server.errors import InvalidInput, MessageTooLarge, Unauthenticated, status_of
@@ -103,6 +104,8 @@ def create_app(config: ServeConfig, backend: Backend, tokens: auth.Tokens) -> Fa
         """Described here for /openapi.json; Guard answers these requests before FastAPI routes them."""
         return await infer_endpoint(request, backend, config, model=model, version=version)
 
+    _shared_memory_routes(app, backend)
+
     @app.get("/metrics")
     async def prometheus() -> Response:
         return Response(generate_latest(metrics.REGISTRY), media_type=CONTENT_TYPE_LATEST)
@@ -113,6 +116,35 @@ def create_app(config: ServeConfig, backend: Backend, tokens: auth.Tokens) -> Fa
 
     describe_inference_request(app)
     return app
+
+
+def _shared_memory_routes(app: FastAPI, backend: Backend) -> None:
+    """Triton's system shared memory extension (server/client_shm.py): inputs read from the client's memory."""
+    @app.post("/v2/systemsharedmemory/region/{region}/register")
+    @route("SystemSharedMemoryRegister")
+    async def register_region(region: str, request: Request, obs: metrics.Observation) -> JSONResponse:
+        try:
+            asked = json.loads(await request.body())
+        except ValueError:
+            asked = None
+        if not isinstance(asked, dict) or not isinstance(asked.get("key"), str) \
+                or not all(type(asked.get(k, 0)) is int for k in ("offset", "byte_size")):
+            raise InvalidInput('register a region with {"key": "/name", "offset": 0, "byte_size": N}')
+        backend.regions.register(region, asked["key"], asked.get("offset", 0), asked.get("byte_size", 0))
+        return JSONResponse({})
+
+    @app.post("/v2/systemsharedmemory/unregister")
+    @app.post("/v2/systemsharedmemory/region/{region}/unregister")
+    @route("SystemSharedMemoryUnregister")
+    async def unregister_region(obs: metrics.Observation, region: str = "") -> JSONResponse:
+        backend.regions.unregister(region)
+        return JSONResponse({})
+
+    @app.get("/v2/systemsharedmemory/status")
+    @app.get("/v2/systemsharedmemory/region/{region}/status")
+    @route("SystemSharedMemoryStatus")
+    async def region_status(obs: metrics.Observation, region: str = "") -> JSONResponse:
+        return JSONResponse(backend.regions.status(region))
 
 
 @route("ModelInfer")
@@ -131,9 +163,9 @@ async def _read_call(request: Request, backend: Backend, model: str, version: st
     header_length = request.headers.get(HEADER_LENGTH)
     limit = backend.body_limit(model, version, binary=header_length is not None)
     body = await body_of(request, min(max_bytes, limit or max_bytes))
-    if len(body) > PARSE_IN_THREAD_BYTES:
-        return await asyncio.to_thread(read_inference, body, header_length)
-    return read_inference(body, header_length)
+    if len(body) > PARSE_IN_THREAD_BYTES or client_shm.REGION.encode() in body:  # a region: its bytes are read too
+        return await asyncio.to_thread(read_inference, body, header_length, backend.regions)
+    return read_inference(body, header_length, backend.regions)
 
 
 class Guard:

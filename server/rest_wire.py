@@ -28,7 +28,7 @@ from pydantic_core import from_json, to_json
 
 from handlers import codec
 from handlers.manifest import Manifest
-from server import fastjson, oip
+from server import client_shm, fastjson, oip
 from server.errors import InvalidInput, MessageTooLarge
 
 HEADER_LENGTH = "Inference-Header-Content-Length"  # Triton's binary tensor data extension
@@ -146,9 +146,10 @@ def _inflate(body: bytes, encoding: str, limit: int) -> bytes:
     return plain
 
 
-def read_inference(body: bytes, header_length: str | None) -> Inference:
+def read_inference(body: bytes, header_length: str | None, regions: client_shm.Regions | None = None) -> Inference:
     """The inference request in `body`: JSON, or with `header_length` (Inference-Header-Content-Length) that
-    many bytes of JSON followed by the inputs' binary data. InvalidInput says what is malformed."""
+    many bytes of JSON followed by the inputs' binary data; an input may name a registered shared memory region
+    instead (`regions`). InvalidInput says what is malformed."""
     text, binary = _split(body, header_length)
     request = _json_object(text, binary is None)
     parameters = _parameters(request, "the request")
@@ -157,7 +158,7 @@ def read_inference(body: bytes, header_length: str | None) -> Inference:
         raise InvalidInput(f"the request has no list of inputs; send {SHAPE_OF_A_REQUEST}")
     inputs: dict[str, np.ndarray] = {}
     for i, entry in enumerate(entries):
-        name, x, used = _input(i, entry, binary)
+        name, x, used = _input(i, entry, binary, regions)
         if name in inputs:
             raise InvalidInput(f"input {name!r} is given twice")
         inputs[name] = x
@@ -217,7 +218,8 @@ def _flag(parameters: Mapping[str, Any], key: str, where: str) -> bool | None:
     return value
 
 
-def _input(i: int, entry: Any, binary: memoryview | None) -> tuple[str, np.ndarray, int]:
+def _input(i: int, entry: Any, binary: memoryview | None, regions: client_shm.Regions | None = None
+           ) -> tuple[str, np.ndarray, int]:
     """One input of the request: its name, its tensor, and how many bytes of the binary data it took."""
     if not isinstance(entry, dict) or not isinstance(entry.get("name"), str):
         raise InvalidInput(f"inputs[{i}] must be an object with a string name; send {SHAPE_OF_A_REQUEST}")
@@ -227,6 +229,12 @@ def _input(i: int, entry: Any, binary: memoryview | None) -> tuple[str, np.ndarr
     if not isinstance(shape, list) or not all(type(d) is int for d in shape):
         raise InvalidInput(f"input {name!r}: shape must be a list of integers, got {shape!r}"[:300])
     parameters = _parameters(entry, f"input {name!r}")
+    if client_shm.wants_region(parameters):
+        if "data" in entry or "binary_data_size" in parameters:
+            raise InvalidInput(f"input {name!r}: send a shared memory region, data or binary data, one of them")
+        if regions is None:
+            raise InvalidInput(f"input {name!r}: this server reads no shared memory")
+        return name, oip.from_bytes(name, datatype, shape, regions.read(name, parameters)), 0
     size = parameters.get("binary_data_size")
     if size is None:
         data = entry.get("data")
@@ -263,6 +271,9 @@ def _requested_outputs(entries: Any) -> tuple[list[str], dict[str, bool]]:
         if "classification" in parameters:
             raise InvalidInput(f"output {name!r}: the classification extension is not supported; ask for the "
                                "output itself (the model's outputs include its label)")
+        if client_shm.wants_region(parameters):
+            raise InvalidInput(f"output {name!r}: outputs in shared memory are not supported: the outputs come back "
+                               f"in the response (leave out the output's {client_shm.REGION})")
         flag = _flag(parameters, "binary_data", f"output {name!r}")
         if flag is not None:
             binary[name] = flag

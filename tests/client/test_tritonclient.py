@@ -261,3 +261,51 @@ def test_encoded_images_as_bytes_over_http_and_grpc(door: FrontDoor, http_client
     assert labels[0].shape == (5,) and all((label == labels[0]).all() for label in labels)
     assert names[0].dtype == object and all(type(v) is bytes for v in names[0])
     assert all(list(n) == list(names[0]) for n in names)
+
+
+def test_inputs_from_the_clients_shared_memory(client: triton.InferenceServerClient,
+                                               http_client: triton_http.InferenceServerClient,
+                                               reference: torch.nn.Module) -> None:
+    """Triton's system shared memory extension, as its clients use it: a region registered over gRPC and one over
+    HTTP, inputs read from them at an offset, the same answers as inline; regions listed, then unregistered."""
+    import tritonclient.utils.shared_memory as shm
+
+    x = np.ascontiguousarray(digits()[0][:20])
+    key = f"/gradserve-test-{id(x)}"
+    handle = shm.create_shared_memory_region("digits-in", key, x.nbytes * 2)
+    try:
+        shm.set_shared_memory_region(handle, [x[10:], x[:10]])  # the first 10 rows sit after the other 10
+        client.register_system_shared_memory("grpc-region", key, x.nbytes, headers=HEADERS)
+        http_client.register_system_shared_memory("http-region", key, x.nbytes, headers=auth())
+        regions = client.get_system_shared_memory_status(headers=HEADERS).regions
+        assert {name: (r.key, r.byte_size) for name, r in regions.items()} == {
+            "grpc-region": (key, x.nbytes), "http-region": (key, x.nbytes)}
+        assert {r["name"] for r in http_client.get_system_shared_memory_status(headers=auth())} == set(regions)
+
+        first = x[:10]
+        grpc_input = triton.InferInput("input", list(first.shape), "FP32")
+        grpc_input.set_shared_memory("grpc-region", first.nbytes, offset=x.nbytes - first.nbytes)
+        http_input = triton_http.InferInput("input", list(first.shape), "FP32")
+        http_input.set_shared_memory("http-region", first.nbytes, offset=x.nbytes - first.nbytes)
+        answers = [client.infer("digits", [grpc_input], headers=HEADERS).as_numpy("logits"),
+                   http_client.infer("digits", [http_input], headers=auth()).as_numpy("logits")]
+        for logits in answers:
+            assert np.abs(logits - logits_of(reference, first)).max() <= 1e-5
+
+        grpc_input.set_shared_memory("grpc-region", first.nbytes, offset=x.nbytes)  # past the region's end
+        with pytest.raises(InferenceServerException, match="passes the end of region 'grpc-region'"):
+            client.infer("digits", [grpc_input], headers=HEADERS)
+        out = triton.InferRequestedOutput("logits")
+        out.set_shared_memory("grpc-region", 40)
+        with pytest.raises(InferenceServerException, match="outputs in shared memory are not supported"):
+            client.infer("digits", inputs(first), outputs=[out], headers=HEADERS)
+        with pytest.raises(InferenceServerException, match="Unauthenticated|UNAUTHENTICATED|token"):
+            client.register_system_shared_memory("no-token", key, x.nbytes)
+
+        client.unregister_system_shared_memory("grpc-region", headers=HEADERS)
+        http_client.unregister_system_shared_memory(headers=auth())  # every region left
+        assert not client.get_system_shared_memory_status(headers=HEADERS).regions
+        with pytest.raises(InferenceServerException, match="no shared memory region 'http-region' is registered"):
+            http_client.infer("digits", [http_input], headers=auth())
+    finally:
+        shm.destroy_shared_memory_region(handle)
