@@ -75,7 +75,7 @@ class Regions:
             if len(self._regions) >= MAX_REGIONS:
                 raise InvalidInput(f"{MAX_REGIONS} shared memory regions are registered: unregister some first")
             try:
-                fd = os.open(self._root / match.group(1), os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+                fd = os.open(self._root / match.group(1), os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK)
             except OSError as e:
                 raise InvalidInput(f"shared memory key {key!r} cannot be opened ({e.strerror}): create it "
                                    "(shm_open, or tritonclient.utils.shared_memory) before registering it") from None

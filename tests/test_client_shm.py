@@ -61,6 +61,12 @@ def test_a_link_is_not_followed(root: Path, tmp_path_factory: pytest.TempPathFac
         Regions(root).register("r", "/link", 0, 4)
 
 
+def test_a_named_pipe_is_refused_without_waiting_for_a_writer(root: Path) -> None:
+    os.mkfifo(root / "pipe")
+    with pytest.raises(InvalidInput, match="not a shared memory object"):
+        Regions(root).register("r", "/pipe", 0, 4)
+
+
 def test_registration_errors_say_what_to_do(root: Path) -> None:
     regions = Regions(root)
     with pytest.raises(InvalidInput, match=r"offset 200 \+ byte_size 100 passes the end of '/in0' \(256 bytes\)"):
