@@ -94,18 +94,20 @@ class Regions:
     def unregister(self, name: str = "") -> None:
         """The region `name`, or every region when name is empty; an unknown name is an error."""
         with self._lock:
-            if name and name not in self._regions:
-                raise InvalidInput(f"no shared memory region {name!r} is registered")
-            for region in [self._regions.pop(name)] if name else list(self._regions.values()):
-                os.close(region.fd)
-            if not name:
-                self._regions.clear()
+            for region in self._named(name):
+                os.close(self._regions.pop(region.name).fd)
 
     def status(self, name: str = "") -> list[dict[str, Any]]:
         with self._lock:
-            if name and name not in self._regions:
-                raise InvalidInput(f"no shared memory region {name!r} is registered")
-            return [r.status() for r in ([self._regions[name]] if name else self._regions.values())]
+            return [r.status() for r in self._named(name)]
+
+    def _named(self, name: str) -> list[Region]:
+        """The region `name`, or every region when name is empty (the lock held)."""
+        if not name:
+            return list(self._regions.values())
+        if name not in self._regions:
+            raise InvalidInput(f"no shared memory region {name!r} is registered")
+        return [self._regions[name]]
 
     def read(self, input_name: str, parameters: Mapping[str, Any]) -> memoryview:
         """The bytes an input's parameters name: a copy the request owns."""

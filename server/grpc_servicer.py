@@ -42,15 +42,17 @@ CONTENTS_FIELD = {
 WIRE_FLOATS = {"FP32": "<f4", "FP64": "<f8"}
 
 
-def rpc(method: str) -> Callable[[Handler[Request, Response]],
-                                  Callable[[Any, Request, grpc.aio.ServicerContext], Awaitable[Response]]]:
+def rpc(method: str, names_model: bool = True
+        ) -> Callable[[Handler[Request, Response]],
+                      Callable[[Any, Request, grpc.aio.ServicerContext], Awaitable[Response]]]:
     """A unary RPC that needs the token, observed under `method` (the model is the request's `name` or
-    `model_name`), whose exceptions end the call with their status and message."""
+    `model_name`, unless `names_model` is false: a shared memory region's name is not a model's), whose
+    exceptions end the call with their status and message."""
     def decorate(handler: Handler[Request, Response]
                  ) -> Callable[[Any, Request, grpc.aio.ServicerContext], Awaitable[Response]]:
         @functools.wraps(handler)
         async def wrapped(self: Any, request: Request, context: grpc.aio.ServicerContext) -> Response:
-            model = getattr(request, "model_name", None) or getattr(request, "name", "")
+            model = (getattr(request, "model_name", None) or getattr(request, "name", "")) if names_model else ""
             with metrics.observe("grpc", method, model) as obs:
                 try:
                     if not grpc_authorized(self.tokens, context):
@@ -146,27 +148,24 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                 return pb.ModelStreamInferResponse(error_message=f"{status.grpc.name}: {message}",
                                                    infer_response=echo)
 
-    @rpc("SystemSharedMemoryRegister")
+    @rpc("SystemSharedMemoryRegister", names_model=False)
     async def SystemSharedMemoryRegister(self, request: pb.SystemSharedMemoryRegisterRequest,
                                          context: grpc.aio.ServicerContext, obs: metrics.Observation
                                          ) -> pb.SystemSharedMemoryRegisterResponse:
-        obs.model = ""  # `name` is a region's here
         self._backend.regions.register(request.name, request.key, request.offset, request.byte_size)
         return pb.SystemSharedMemoryRegisterResponse()
 
-    @rpc("SystemSharedMemoryUnregister")
+    @rpc("SystemSharedMemoryUnregister", names_model=False)
     async def SystemSharedMemoryUnregister(self, request: pb.SystemSharedMemoryUnregisterRequest,
                                            context: grpc.aio.ServicerContext, obs: metrics.Observation
                                            ) -> pb.SystemSharedMemoryUnregisterResponse:
-        obs.model = ""
         self._backend.regions.unregister(request.name)
         return pb.SystemSharedMemoryUnregisterResponse()
 
-    @rpc("SystemSharedMemoryStatus")
+    @rpc("SystemSharedMemoryStatus", names_model=False)
     async def SystemSharedMemoryStatus(self, request: pb.SystemSharedMemoryStatusRequest,
                                        context: grpc.aio.ServicerContext, obs: metrics.Observation
                                        ) -> pb.SystemSharedMemoryStatusResponse:
-        obs.model = ""
         status = pb.SystemSharedMemoryStatusResponse.RegionStatus
         return pb.SystemSharedMemoryStatusResponse(
             regions={r["name"]: status(**r) for r in self._backend.regions.status(request.name)})
