@@ -9,9 +9,9 @@ is a `gradserve serve` (with its own TorchServe) whose `serve:` section is the d
 settings (dotted names for nested ones: `coalesce.max_delay_ms=1`; values are read as YAML). Both run at once, so
 that each pair of windows shares the machine's drifting load; which side goes first alternates by round. Per way
 (gRPC ModelInfer, ModelStreamInfer, REST JSON; --ways) and load (--loads; by default 1 row at concurrency 1 and
-64, 64 rows at concurrency 8): requests/s, p50, and the CPU per request of the front door process and of the
-whole server (with its TorchServe and workers), each round's, then the medians and their ratios b / a. Writes
-bench/results/frontdoor_ab.json.
+64, 64 rows at concurrency 8): requests/s, p50, and the CPU per request of the front door (all its processes,
+listen.processes) and of the whole server (with its TorchServe and workers), each round's, then the medians and
+their ratios b / a. Writes bench/results/frontdoor_ab.json.
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ import yaml
 
 from bench.harness import package_settings
 from bench.loadgen import OipGrpc, OipRest, OipStream, Target, closed_loop
-from bench.measure import LOGITS
+from bench.measure import LOGITS, torchserve_role
 from bench.models import ensure_trained, resolve
 from bench.stacks import FrontDoor, running_front_door
 from gradserve import config as gradserve_config
@@ -100,7 +100,9 @@ async def window(door: FrontDoor, way: str, model: str, x: np.ndarray, concurren
     try:
         await closed_loop(senders, min(seconds, 0.5), len(x))  # connections open, the path warm
         door_process = psutil.Process(door.process.pid)
-        server = [door_process, *door_process.children(recursive=True)]  # TorchServe and its workers too
+        descendants = door_process.children(recursive=True)  # TorchServe and its workers too
+        doors = [door_process, *(p for p in descendants if role(p) == "frontdoor")]  # listen.processes
+        server = [*doors, *(p for p in descendants if p not in doors)]
         before = [cpu_seconds(p) for p in server]
         measured = (await closed_loop(senders, seconds, len(x))).summary()
         spent = [cpu_seconds(p) - b for p, b in zip(server, before, strict=True)]
@@ -109,8 +111,15 @@ async def window(door: FrontDoor, way: str, model: str, x: np.ndarray, concurren
     if measured["errors"]:
         raise RuntimeError(f"{way}: {measured['errors']} errors, e.g. {measured['error_samples']}")
     requests = max(measured["requests"], 1)
-    return {"req_s": measured["req_s"], "p50_ms": measured["p50_ms"], "door_cpu_ms": 1000 * spent[0] / requests,
-            "server_cpu_ms": 1000 * sum(spent) / requests}
+    return {"req_s": measured["req_s"], "p50_ms": measured["p50_ms"],
+            "door_cpu_ms": 1000 * sum(spent[:len(doors)]) / requests, "server_cpu_ms": 1000 * sum(spent) / requests}
+
+
+def role(process: psutil.Process) -> str:
+    try:
+        return torchserve_role(process)
+    except psutil.Error:
+        return "gone"
 
 
 def cpu_seconds(process: psutil.Process) -> float:

@@ -69,8 +69,11 @@ QUICK = {"seconds": 1.0, "warmup_s": 0.3, "jvm_warmup_s": 2.0, "in_process_s": 0
 # --- processes under test and their CPU ------------------------------------------------------------------------
 
 def torchserve_role(process: psutil.Process) -> str:
-    """What a descendant of a TorchServe-running root is: its java, its python worker, or its launcher."""
+    """What a descendant of a TorchServe-running root is: its java, its python worker, its launcher, or a further
+    front-door process (listen.processes; server/doors.py)."""
     name, cmdline = process.name(), " ".join(process.cmdline())
+    if "server.doors" in cmdline:
+        return "frontdoor"
     return "ts_java" if "java" in name else "ts_worker" if "model_service_worker" in cmdline else "ts_launcher"
 
 

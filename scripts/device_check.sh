@@ -7,6 +7,8 @@
 # package cuda" runs those alone):
 #   setup     the carried wheels, TorchServe's worker and frontend into the image's Python; a JRE
 #   package   the three models' archives (forward_rows measured on this machine's CPU)
+#   doors     bench.frontdoor_ab on the demo, CPU only, four workers: one front-door process against four
+#             (listen.processes; the REST load generator is light enough to outrun one)
 #   cuda      bench.cuda_check: the handler on the GPU against the CPU (agreement, batch independence, rows/s)
 #   gpu       bench.frontdoor_ab on ResNet: TorchServe workers on the CPU (one per core) against one on the GPU
 #   workers   bench.frontdoor_ab on ResNet, CPU only: one worker of every core against one worker per core
@@ -73,10 +75,13 @@ package() {  # archives packaged here: forward_rows measured on this machine's C
         --model-store $STORE --force
 }
 phase package 90 bash -c "$(declare -f package); STORE=$STORE package"
+AB=(-m bench.frontdoor_ab --rounds 1 --seconds "$SECONDS_PER_WINDOW" --ways grpc,rest)
+FOUR=(torchserve.gpus=0 package.min_workers=4 package.max_workers=4)
+phase doors 90 $PY "${AB[@]}" --model digits --out "$OUT/ab-digits-doors.json" \
+    --a "${FOUR[@]}" --b "${FOUR[@]}" listen.processes=4
 phase cuda 120 $PY -m bench.cuda_check --seconds 0.4 --out "$OUT/cuda_check.json" \
     --archive $STORE/digits.mar --archive $STORE/digits-rgb.mar --archive $STORE/resnet.mar
 
-AB=(-m bench.frontdoor_ab --rounds 1 --seconds "$SECONDS_PER_WINDOW" --ways grpc,rest)
 phase gpu 110 $PY "${AB[@]}" --model resnet --loads 1x1,64x1,8x64,32x64 --out "$OUT/ab-resnet-gpu.json" \
     --a torchserve.gpus=0 --b package.min_workers=1 package.max_workers=1
 phase workers 110 $PY "${AB[@]}" --model resnet --loads 1x1,64x1,8x64,32x64 --out "$OUT/ab-resnet-workers.json" \

@@ -15,6 +15,7 @@ import functools
 import logging
 import math
 from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
@@ -44,13 +45,14 @@ class ModelServer(Protocol):
 class Backend:
     def __init__(self, config: ServeConfig, models: ModelManager, server: ModelServer,
                  observe_group: Callable[[str, int], None] | None = None,
-                 payloads: PayloadArea | None = None) -> None:
+                 payloads: PayloadArea | None = None, shared_regions: Path | None = None) -> None:
         self._config = config
         self._models = models
         self._server = server
         self._payloads = payloads  # large requests go to the handler through shared memory (None: all inline)
-        # Clients' shared memory their inputs may be read from (server/client_shm.py).
-        self.regions = Regions(max_read_bytes=config.limits.max_message_bytes)
+        # Clients' shared memory their inputs may be read from (server/client_shm.py); `shared_regions`: the
+        # registrations' folder when several front-door processes share the port (server/doors.py).
+        self.regions = Regions(max_read_bytes=config.limits.max_message_bytes, shared=shared_regions)
         self._observe = observe_group or (lambda model, rows: None)
         self._in_flight = 0
         self._draining = False
@@ -171,6 +173,7 @@ class Backend:
         timeout = self._config.limits.default_timeout_s if timeout is None else timeout
         loop = asyncio.get_running_loop()
         self._in_flight += 1
+        metrics.IN_FLIGHT.inc()
         try:
             with self._models.in_flight(loaded):
                 async with asyncio.timeout(timeout):
@@ -180,6 +183,7 @@ class Backend:
             raise DeadlineExceeded(f"no answer within the deadline of {timeout:.3f} s") from None
         finally:
             self._in_flight -= 1
+            metrics.IN_FLIGHT.dec()
         return loaded.manifest, {k: result[k] for k in wanted}
 
     def _coalescer(self, loaded: Version, input_name: str) -> Coalescer:

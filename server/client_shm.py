@@ -17,10 +17,15 @@ the front door's own payload files (a folder of their own there) cannot be named
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
+import itertools
+import json
 import os
 import re
 import stat
 import threading
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,6 +38,7 @@ from server.errors import InvalidInput, MessageTooLarge
 SHM_ROOT = Path("/dev/shm")
 KEY = re.compile(r"/?([A-Za-z0-9][A-Za-z0-9._-]{0,254})")
 MAX_REGIONS = 1024
+SETTLED_NS = 50_000_000  # a folder listed this long after its mtime holds every change of that mtime tick
 # The parameters that put an input in a region (Triton's names).
 REGION, BYTE_SIZE, OFFSET = "shared_memory_region", "shared_memory_byte_size", "shared_memory_offset"
 
@@ -51,17 +57,41 @@ class Region:
 
 class Regions:
     """The registered regions by name. Registering opens the object read-only; unregistering closes it (a request
-    reading it at that moment finishes on its own descriptor)."""
+    reading it at that moment finishes on its own descriptor).
 
-    def __init__(self, root: Path = SHM_ROOT, max_read_bytes: int = 64 * 1024 * 1024) -> None:
+    With several front-door processes (server/doors.py) a region registered through one is read through any: each
+    registration is also a file in the `shared` folder they all look at, and each process opens (and closes) its
+    own descriptors as the folder changes."""
+
+    def __init__(self, root: Path = SHM_ROOT, max_read_bytes: int = 64 * 1024 * 1024,
+                 shared: Path | None = None) -> None:
         self._root = Path(root)
         self._max_read_bytes = max_read_bytes  # what one input may take from a region (serve.limits.max_message_bytes)
         self._regions: dict[str, Region] = {}
         self._lock = threading.Lock()  # requests read from worker threads too
+        self._shared = shared
+        self._unopened: dict[str, str] = {}  # regions another process registered that this one cannot open: why
+        self._listed = (-1, 0)  # the shared folder's mtime (ns) when this process last listed it, and when that was
+        self._serial = itertools.count()
 
     def register(self, name: str, key: str, offset: int, byte_size: int) -> None:
         if not name:
             raise InvalidInput("a shared memory region needs a name")
+        with self._lock:
+            self._sync()
+            if name in self._regions or name in self._unopened:
+                raise InvalidInput(f"shared memory region {name!r} is already registered: unregister it first")
+            if len(self._regions) + len(self._unopened) >= MAX_REGIONS:
+                raise InvalidInput(f"{MAX_REGIONS} shared memory regions are registered: unregister some first")
+            region = self._open(name, key, offset, byte_size)
+            try:
+                self._publish(region)
+            except BaseException:
+                os.close(region.fd)
+                raise
+            self._regions[name] = region
+
+    def _open(self, name: str, key: str, offset: int, byte_size: int) -> Region:
         match = KEY.fullmatch(key)
         if match is None:
             raise InvalidInput(f"shared memory key {key!r}: a POSIX shared memory name such as /input0 (letters, "
@@ -69,45 +99,95 @@ class Regions:
         if offset < 0 or byte_size <= 0:
             raise InvalidInput(f"shared memory region {name!r}: offset must be 0 or more and byte_size more than 0, "
                                f"got offset {offset} and byte_size {byte_size}")
-        with self._lock:
-            if name in self._regions:
-                raise InvalidInput(f"shared memory region {name!r} is already registered: unregister it first")
-            if len(self._regions) >= MAX_REGIONS:
-                raise InvalidInput(f"{MAX_REGIONS} shared memory regions are registered: unregister some first")
-            try:
-                fd = os.open(self._root / match.group(1), os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK)
-            except OSError as e:
-                raise InvalidInput(f"shared memory key {key!r} cannot be opened ({e.strerror}): create it "
-                                   "(shm_open, or tritonclient.utils.shared_memory) before registering it") from None
-            try:
-                found = os.fstat(fd)
-                if not stat.S_ISREG(found.st_mode):
-                    raise InvalidInput(f"shared memory key {key!r} is not a shared memory object")
-                if offset + byte_size > found.st_size:
-                    raise InvalidInput(f"shared memory region {name!r}: offset {offset} + byte_size {byte_size} "
-                                       f"passes the end of {key!r} ({found.st_size} bytes)")
-            except BaseException:
-                os.close(fd)
-                raise
-            self._regions[name] = Region(name, key, offset, byte_size, fd)
+        try:
+            fd = os.open(self._root / match.group(1), os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK)
+        except OSError as e:
+            raise InvalidInput(f"shared memory key {key!r} cannot be opened ({e.strerror}): create it "
+                               "(shm_open, or tritonclient.utils.shared_memory) before registering it") from None
+        try:
+            found = os.fstat(fd)
+            if not stat.S_ISREG(found.st_mode):
+                raise InvalidInput(f"shared memory key {key!r} is not a shared memory object")
+            if offset + byte_size > found.st_size:
+                raise InvalidInput(f"shared memory region {name!r}: offset {offset} + byte_size {byte_size} "
+                                   f"passes the end of {key!r} ({found.st_size} bytes)")
+        except BaseException:
+            os.close(fd)
+            raise
+        return Region(name, key, offset, byte_size, fd)
+
+    # --- the registrations the front-door processes share ----------------------------------------------------
+
+    def _publish(self, region: Region) -> None:
+        """The registration as a file in the shared folder; refused when another process has just registered
+        the name (link, unlike rename, does not replace)."""
+        if self._shared is None:
+            return
+        staged = self._shared / f".{os.getpid()}-{next(self._serial)}"
+        staged.write_text(json.dumps(region.status()))
+        try:
+            os.link(staged, self._shared / _file_of(region.name))
+        except FileExistsError:
+            raise InvalidInput(f"shared memory region {region.name!r} is already registered: unregister it first"
+                               ) from None
+        finally:
+            staged.unlink()
+
+    def _withdraw(self, name: str) -> None:
+        if self._shared is not None:
+            with contextlib.suppress(FileNotFoundError):
+                (self._shared / _file_of(name)).unlink()
+        self._unopened.pop(name, None)
+        region = self._regions.pop(name, None)
+        if region is not None:
+            os.close(region.fd)
+
+    def _sync(self) -> None:
+        """Open what the other processes registered, close what they unregistered (the lock held). The folder is
+        listed again when its mtime moved, and while a change could still hide in the same mtime tick."""
+        if self._shared is None:
+            return
+        mtime, now = os.stat(self._shared).st_mtime_ns, time.time_ns()
+        if mtime == self._listed[0] and self._listed[1] - mtime > SETTLED_NS:
+            return
+        self._listed = (mtime, now)
+        wanted: dict[str, dict[str, Any]] = {}
+        for entry in os.scandir(self._shared):
+            if not entry.name.startswith("."):
+                with contextlib.suppress(OSError, ValueError, KeyError):
+                    record = json.loads(Path(entry.path).read_text())
+                    wanted[record["name"]] = record
+        for name, region in list(self._regions.items()):
+            if wanted.get(name) != region.status():
+                os.close(self._regions.pop(name).fd)
+        self._unopened = {}
+        for name, record in wanted.items():
+            if name not in self._regions:
+                try:
+                    self._regions[name] = self._open(name, record["key"], record["offset"], record["byte_size"])
+                except InvalidInput as e:
+                    self._unopened[name] = str(e)
 
     def unregister(self, name: str = "") -> None:
         """The region `name`, or every region when name is empty; an unknown name is an error."""
         with self._lock:
-            for region in self._named(name):
-                os.close(self._regions.pop(region.name).fd)
+            self._sync()
+            for named in self._named(name):
+                self._withdraw(named)
 
     def status(self, name: str = "") -> list[dict[str, Any]]:
         with self._lock:
-            return [r.status() for r in self._named(name)]
+            self._sync()
+            return [self._regions[r].status() for r in self._named(name) if r in self._regions]
 
-    def _named(self, name: str) -> list[Region]:
+    def _named(self, name: str) -> list[str]:
         """The region `name`, or every region when name is empty (the lock held)."""
+        known = [*self._regions, *self._unopened]
         if not name:
-            return list(self._regions.values())
-        if name not in self._regions:
+            return known
+        if name not in known:
             raise InvalidInput(f"no shared memory region {name!r} is registered")
-        return [self._regions[name]]
+        return [name]
 
     def read(self, input_name: str, parameters: Mapping[str, Any]) -> memoryview:
         """The bytes an input's parameters name: a copy the request owns."""
@@ -121,7 +201,10 @@ class Regions:
             raise MessageTooLarge(f"input {input_name!r}: {size} bytes from shared memory, more than the "
                                   f"{self._max_read_bytes} a request may carry; send fewer rows per request")
         with self._lock:
+            self._sync()
             region = self._regions.get(name)
+            if name in self._unopened:
+                raise InvalidInput(f"input {input_name!r}: region {name!r} cannot be read here: {self._unopened[name]}")
             if region is None:
                 raise InvalidInput(f"input {input_name!r}: no shared memory region {name!r} is registered: "
                                    "register it first")
@@ -140,7 +223,16 @@ class Regions:
         return memoryview(data)
 
     def close(self) -> None:
-        self.unregister()
+        """This process lets go of its descriptors; the registrations stay for the other processes."""
+        with self._lock:
+            for region in self._regions.values():
+                os.close(region.fd)
+            self._regions.clear()
+
+
+def _file_of(name: str) -> str:
+    """A region's file in the shared folder: any name a client gives, as a file name."""
+    return name.encode().hex()[:200] + "-" + hashlib.sha256(name.encode()).hexdigest()[:16]
 
 
 def wants_region(parameters: Mapping[str, Any]) -> bool:

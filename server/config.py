@@ -31,8 +31,13 @@ class Listen:
     tls_cert: str | None = path_field()
     tls_key: str | None = path_field()
     max_connection_age_s: int = 300  # gRPC connections are recycled after this, for client-side balancing
+    # Front-door processes sharing the ports (server/doors.py): gRPC listeners joined by SO_REUSEPORT, one HTTP
+    # listening socket; more than 1 pays where one process's event loop is the limit (a core each).
+    processes: int = 1
 
     def __post_init__(self) -> None:
+        if self.processes < 1:
+            raise ValueError(f"listen.processes must be 1 or more, got {self.processes}")
         if (self.tls_cert is None) != (self.tls_key is None):
             raise ValueError("TLS needs both tls_cert and tls_key (or neither)")
 

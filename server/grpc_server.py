@@ -22,11 +22,14 @@ from server.grpc_servicer import InferenceServicer
 from server.health import INFERENCE_SERVICE, ReadinessHealth
 
 
-def create_server(config: ServeConfig, backend: Backend, tokens: Tokens) -> tuple[grpc.aio.Server, int]:
+def create_server(config: ServeConfig, backend: Backend, tokens: Tokens, share_port: bool = False
+                  ) -> tuple[grpc.aio.Server, int]:
+    """The server, and the port it will listen on. `share_port`: its listener joins those of the other
+    front-door processes on the port (SO_REUSEPORT, server/doors.py); else a port in use is an error."""
     limit, listen = config.limits.max_message_bytes, config.listen
     server = grpc.aio.server(
         options=[("grpc.max_receive_message_length", limit), ("grpc.max_send_message_length", limit),
-                 ("grpc.so_reuseport", 0),
+                 ("grpc.so_reuseport", int(share_port)),
                  # Close connections after a few minutes (in-flight calls get a grace period) so clients
                  # balancing round-robin over DNS re-resolve and find replicas the autoscaler added.
                  ("grpc.max_connection_age_ms", listen.max_connection_age_s * 1000),

@@ -17,9 +17,10 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Awaitable, Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import httpx
 
@@ -75,6 +76,9 @@ class ModelManager:
         self._lock = asyncio.Lock()  # one reconciliation at a time
         self._tasks: set[asyncio.Task[None]] = set()
         self._listeners: list[Callable[[], None]] = []
+        # Other front-door processes (server/doors.py): a retired build is unloaded once `elsewhere(internal)`
+        # says none of them has a request at it either.
+        self.elsewhere: Callable[[str], Awaitable[None]] | None = None
         client.add_listener(self._changed)
 
     @classmethod
@@ -262,6 +266,8 @@ class ModelManager:
 
     async def _unload(self, loaded: Version) -> None:
         await loaded.idle.wait()
+        if self.elsewhere is not None:
+            await self.elsewhere(loaded.internal)
         name, version = loaded.archive.name, loaded.archive.version
         if loaded.archive.manifest is not None:
             await self._client.unregister(loaded.internal)
@@ -302,6 +308,33 @@ class ModelManager:
     def _changed(self) -> None:
         for listener in self._listeners:
             listener()
+
+    # --- the same table in another front-door process (server/doors.py) ---------------------------------------
+
+    def snapshot(self) -> dict[str, Any]:
+        """What another front-door process needs to route requests as this one does (JSON)."""
+        return {"starting": self._starting, "defaults": dict(self._defaults), "versions": [
+            {"path": str(v.archive.path), "sha256": v.archive.sha256, "problem": v.archive.problem,
+             "workers": v.archive.workers, "state": v.state, "reason": v.reason,
+             "manifest": v.archive.manifest.to_dict() if v.archive.manifest is not None else None}
+            for versions in self._versions.values() for v in versions.values()]}
+
+    def mirror(self, snapshot: Mapping[str, Any]) -> list[Version]:
+        """Route as the process that sent `snapshot` does (this manager then neither reads the store nor loads
+        anything). The builds that left its table, or drain: the sender unloads each once this process has no
+        request at it either."""
+        before = {v.internal: v for versions in self._versions.values() for v in versions.values()}
+        table: dict[str, dict[str, Version]] = {}
+        for entry in snapshot["versions"]:
+            manifest = entry["manifest"] and Manifest.from_dict(entry["manifest"])
+            archive = Archive(Path(entry["path"]), entry["sha256"], manifest, entry["problem"], entry["workers"])
+            loaded = before.pop(archive.internal_name, None) or Version(archive)
+            loaded.state, loaded.reason = entry["state"], entry["reason"]
+            table.setdefault(archive.name, {})[archive.version] = loaded
+        self._versions, self._defaults = table, dict(snapshot["defaults"])
+        self._starting = snapshot["starting"]
+        self._changed()
+        return [*before.values(), *(v for vs in table.values() for v in vs.values() if v.state == "draining")]
 
     async def close(self) -> None:
         for task in list(self._tasks):

@@ -1,32 +1,32 @@
-"""`gradserve serve`: TorchServe on loopback (supervised), and the gRPC + REST front door in one event loop.
+"""`gradserve serve`: TorchServe on loopback (supervised), and the gRPC + REST front door in one event loop
+(server/frontdoor.py); with `listen.processes` above 1, that many front-door processes share the ports
+(server/doors.py), this one running TorchServe and reading the model store for all.
 
-SIGTERM/SIGINT: report not ready, stop accepting, let in-flight requests finish within the grace period,
-stop TorchServe, exit 0.
+SIGTERM/SIGINT: report not ready, stop accepting, let in-flight requests finish within the grace period (the
+other processes too), stop TorchServe, exit 0.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import logging
+import shutil
 import signal
-from collections.abc import Callable, Coroutine, Iterator
+import tempfile
+from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any
 
-import uvicorn
-
 from gradserve import config as gradserve_config
 from gradserve.errors import UsageError
-from handlers.sharedmem import PayloadArea
 from server import metrics
 from server.auth import Tokens, check_exposure
 from server.backend import Backend
 from server.config import ServeConfig
-from server.grpc_server import create_server
+from server.doors import Doors
+from server.frontdoor import Transports, check_port_free, configure_logging, data_plane, run
 from server.lifecycle import ModelManager
-from server.rest import create_app
 from server.torchserve.client import TorchServeClient
 from server.torchserve.process import TorchServeConfig
 from server.torchserve.supervisor import Supervisor
@@ -39,7 +39,7 @@ FLAGS = {"host": "listen.host", "grpc_port": "listen.grpc_port", "http_port": "l
          "token_file": "auth.token_file", "auth_mode": "auth.mode", "watch": "watch_s",
          "tls_cert": "listen.tls_cert", "tls_key": "listen.tls_key", "max_rows": "limits.max_rows",
          "max_message_bytes": "limits.max_message_bytes", "max_in_flight": "limits.max_in_flight",
-         "token_expiration_min": "torchserve.token_expiration_min"}
+         "token_expiration_min": "torchserve.token_expiration_min", "processes": "listen.processes"}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -63,6 +63,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-rows", type=int, default=None, help="rows one request may carry")
     parser.add_argument("--max-message-bytes", type=int, default=None, help="largest request (default 64 MiB)")
     parser.add_argument("--max-in-flight", type=int, default=None, help="requests admitted at once")
+    parser.add_argument("--processes", type=int, default=None,
+                        help="front-door processes sharing the ports (default 1; e.g. one per core left over "
+                             "after TorchServe's workers)")
     parser.add_argument("--token-expiration-min", type=float, default=None,
                         help="lifetime of TorchServe's internal keys (renewed before they expire)")
 
@@ -76,22 +79,6 @@ def main(args: argparse.Namespace) -> int:
     config = config_from_args(args)
     configure_logging()
     return run(config, serve(config))
-
-
-def run(config: ServeConfig, main: Coroutine[Any, Any, int]) -> int:
-    """`main` to its end on the event loop `config` names."""
-    factory = None
-    if config.event_loop == "uvloop":
-        import uvloop  # uvicorn[standard]'s, as its own servers use it
-
-        factory = uvloop.new_event_loop
-    with asyncio.Runner(loop_factory=factory) as runner:
-        return runner.run(main)
-
-
-def configure_logging() -> None:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per readiness poll is noise
 
 
 def torchserve_config(config: ServeConfig) -> TorchServeConfig:
@@ -111,22 +98,43 @@ async def serve(config: ServeConfig, on_ready: Callable[[], None] | None = None)
     store = Path(config.model_store)
     if not store.is_dir():
         raise UsageError(f"the model store {store} is not a folder: build an archive there with `gradserve package`")
-    client = TorchServeClient(config.torchserve)
-    models = ModelManager(store, client, config.default_versions, load_timeout_s=config.torchserve.ready_timeout_s)
-    ts = config.torchserve
-    backend = Backend(config, models, client, metrics.observe_batch,
-                      PayloadArea.open(ts.shared_memory_dir, ts.shared_memory_min_bytes))
-    backend.add_ready_listener(lambda ready: metrics.READY.set(int(ready)))
-    metrics.label_models(models.knows)
-    metrics.IN_FLIGHT.set_function(lambda: backend.in_flight)
-    if on_ready is not None:
-        backend.add_ready_listener(_first_time(on_ready))
-    grpc_server, grpc_port = create_server(config, backend, tokens)
-    http = _http_server(config, backend, tokens)
-    supervisor = Supervisor(torchserve_config(config), client, config.torchserve, models.torchserve_started,
-                            models.torchserve_stopped, metrics.RESTARTS.inc)
+    shared = _shared_folder(config)
+    try:
+        client = TorchServeClient(config.torchserve)
+        models = ModelManager(store, client, config.default_versions,
+                              load_timeout_s=config.torchserve.ready_timeout_s)
+        backend = data_plane(config, models, client, shared and shared / "regions")
+        if on_ready is not None:
+            backend.add_ready_listener(_first_time(on_ready))
+        stop = asyncio.Event()
+        transports = Transports(config, backend, tokens, stop, share_port=shared is not None)
+        doors = None
+        if shared is not None:
+            doors = Doors(config, models, client, transports.grpc_port, transports.bind_http(), shared)
+        supervisor = Supervisor(torchserve_config(config), client, config.torchserve, models.torchserve_started,
+                                models.torchserve_stopped, metrics.RESTARTS.inc)
+        return await _serve(config, tokens, stop, models, backend, transports, supervisor, doors)
+    finally:
+        if shared is not None:
+            shutil.rmtree(shared, ignore_errors=True)
 
-    stop = asyncio.Event()
+
+def _shared_folder(config: ServeConfig) -> Path | None:
+    """With several front-door processes, the folder they share (their metrics, the clients' regions); None
+    with one. Before any metric is touched: this process's go to files from here on."""
+    if config.listen.processes == 1:
+        return None
+    if config.listen.grpc_port:
+        check_port_free(config.listen.host, config.listen.grpc_port)
+    shared = Path(tempfile.mkdtemp(prefix="gradserve-doors-"))
+    (shared / "metrics").mkdir()
+    (shared / "regions").mkdir()
+    metrics.share_between_processes(str(shared / "metrics"))
+    return shared
+
+
+async def _serve(config: ServeConfig, tokens: Tokens, stop: asyncio.Event, models: ModelManager, backend: Backend,
+                 transports: Transports, supervisor: Supervisor, doors: Doors | None) -> int:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
@@ -134,59 +142,31 @@ async def serve(config: ServeConfig, on_ready: Callable[[], None] | None = None)
     loop.add_signal_handler(signal.SIGHUP, lambda: _spawn(background, models.reload()))  # read the store now
 
     await models.reload()  # the store as it is: every model known (loading) before TorchServe has started
-    await grpc_server.start()
-    http_task = asyncio.create_task(http.serve()) if http else None
-    failed: list[str] = []
-    if http_task is not None:
-        http_task.add_done_callback(lambda task: _http_ended(task, stop, failed))
+    await transports.start()
+    if doors is not None:
+        doors.start()
     supervisor.start()
     if config.watch_s > 0:
         _spawn(background, models.watch(config.watch_s))
     if config.auth.token_file:
         _spawn(background, tokens.watch())
     listen = config.listen
-    log.info("front door: gRPC on %s:%d, HTTP on %s; model store %s", listen.host, grpc_port,
-             f"{listen.host}:{listen.http_port}" if http else "off", store)
+    log.info("front door: gRPC on %s:%d, HTTP on %s; model store %s%s", listen.host, transports.grpc_port,
+             f"{listen.host}:{listen.http_port}" if transports.http else "off", config.model_store,
+             f"; {listen.processes} processes" if doors else "")
     await stop.wait()
     for task in background:
         task.cancel()
 
-    remaining = await _drain(config, backend)
-    if http is not None:
-        http.should_exit = True
-    await asyncio.gather(grpc_server.stop(remaining), *([http_task] if http_task else []))
+    others = asyncio.create_task(doors.stop(config.shutdown.grace_s)) if doors else None
+    await transports.stop()
+    if others is not None:
+        await others  # their requests still need TorchServe
     await supervisor.stop()
     await models.close()
     backend.close()
     log.info("stopped")
-    return 1 if failed else 0
-
-
-async def _drain(config: ServeConfig, backend: Backend) -> float:
-    """Stop taking requests and let accepted ones finish, within the shutdown grace; returns the seconds of
-    grace left for the transports (at least half a second)."""
-    loop = asyncio.get_running_loop()
-    grace = config.shutdown.grace_s
-    log.info("stopping: in-flight requests get up to %.1f s", grace)
-    backend.drain()  # from here new requests get UNAVAILABLE (retry elsewhere) from our own code
-    deadline = loop.time() + grace
-    settle = loop.time() + min(config.shutdown.drain_s, grace)
-    while (backend.in_flight or loop.time() < settle) and loop.time() < deadline:
-        # Accepted requests finish, and callers (and load balancers) hear UNAVAILABLE from us rather than
-        # have their calls cut off by the transport's shutdown.
-        await asyncio.sleep(0.02)
-    return max(deadline - loop.time(), 0.5)
-
-
-def _http_ended(task: asyncio.Task[None], stop: asyncio.Event, failed: list[str]) -> None:
-    """The HTTP server ended: expected once `stop` is set; before that (its port taken, ...) the whole server
-    stops, rather than serve gRPC alone while REST clients and probes fail."""
-    if stop.is_set():
-        return
-    error = task.exception() if not task.cancelled() else None
-    failed.append(str(error))
-    log.error("the HTTP server ended (%s); stopping", error or "it could not start: see above")
-    stop.set()
+    return 1 if transports.failed else 0
 
 
 def _spawn(tasks: set[asyncio.Task[None]], work: Coroutine[Any, Any, None]) -> None:
@@ -211,21 +191,3 @@ def _first_time(announce: Callable[[], None]) -> Callable[[bool], None]:
             done = True
             asyncio.get_running_loop().call_soon(announce)
     return listener
-
-
-class _Server(uvicorn.Server):
-    """uvicorn inside our event loop: signals are ours, not uvicorn's."""
-
-    @contextlib.contextmanager
-    def capture_signals(self) -> Iterator[None]:
-        yield
-
-
-def _http_server(config: ServeConfig, backend: Backend, tokens: Tokens) -> _Server | None:
-    listen = config.listen
-    if listen.http_port < 0:
-        return None
-    return _Server(uvicorn.Config(
-        create_app(config, backend, tokens), host=listen.host, port=listen.http_port, log_level="warning",
-        access_log=False, lifespan="off", timeout_graceful_shutdown=int(config.shutdown.grace_s) or 1,
-        ssl_certfile=listen.tls_cert, ssl_keyfile=listen.tls_key))

@@ -128,3 +128,33 @@ def test_grpc_inputs_mix_regions_and_raw_contents(root: Path) -> None:
     del request.raw_input_contents[-1]
     with pytest.raises(InvalidInput, match="raw_input_contents has 1 entries for 2 inputs not in shared memory"):
         decode_inputs(request, regions)
+
+
+def test_processes_sharing_a_folder_share_the_registrations(root: Path, tmp_path_factory: pytest.TempPathFactory
+                                                            ) -> None:
+    """Several front-door processes (server/doors.py): a region registered through one reads through another,
+    and unregistering or registering the name again anywhere is seen everywhere, also within one mtime tick."""
+    shared = tmp_path_factory.mktemp("regions")
+    one, two = Regions(root, shared=shared), Regions(root, shared=shared)
+    (root / "in1").write_bytes(np.full(64, 7, dtype=np.float32).tobytes())
+    one.register("r", "/in0", 0, 256)
+    np.testing.assert_array_equal(read(two, "r", 16), np.arange(4, dtype=np.float32))
+    assert two.status() == one.status() == [{"name": "r", "key": "/in0", "offset": 0, "byte_size": 256}]
+    with pytest.raises(InvalidInput, match="already registered"):
+        two.register("r", "/in1", 0, 256)
+    two.unregister("r")
+    two.register("r", "/in1", 0, 256)  # at once: the folder's mtime may not have moved since `one` looked
+    np.testing.assert_array_equal(read(one, "r", 8), [7, 7])
+    two.register("s", "/in0", 0, 64)
+    one.unregister()
+    for regions in (one, two):
+        assert regions.status() == []
+        with pytest.raises(InvalidInput, match="no shared memory region 's'"):
+            read(regions, "s", 4)
+    assert os.listdir(shared) == []
+    two.register("gone", "/in0", 0, 8)
+    os.unlink(root / "in0")  # removed after it was registered: another process cannot open it
+    with pytest.raises(InvalidInput, match="cannot be read here"):
+        read(Regions(root, shared=shared), "gone", 8)
+    two.close()
+    one.close()

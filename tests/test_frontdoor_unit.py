@@ -6,9 +6,11 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import dataclasses
 import gzip
 import json
 import logging
+import socket
 import struct
 import time
 import zlib
@@ -35,6 +37,7 @@ from server.backend import Backend
 from server.coalescer import Coalescer
 from server.config import Coalesce, Limits, Listen, ServeConfig
 from server.errors import InvalidInput
+from server.frontdoor import check_port_free
 from server.generated import grpc_service_pb2 as pb
 from server.generated import grpc_service_pb2_grpc as pb_grpc
 from server.grpc_server import create_server
@@ -951,3 +954,30 @@ def test_rest_openapi_documents_the_inference_bodies() -> None:
         assert "/v2/models/{model}/versions/{version}/infer" in spec["paths"]
 
     asyncio.run(main())
+
+
+def test_fewer_than_one_front_door_process_is_refused() -> None:
+    with pytest.raises(ConfigError, match=r"listen.processes must be 1 or more"):
+        build(ServeConfig, {"listen": {"processes": 0}})
+
+
+def test_further_front_door_processes_get_the_configuration_as_it_was_built(tmp_path: Path) -> None:
+    """server/doors.py sends the first process's configuration as JSON; the others build it back alike."""
+    config = build(ServeConfig, {"model_store": str(tmp_path), "default_versions": {"m": "2"},
+                                 "listen": {"processes": 3, "tls_cert": "c.pem", "tls_key": "k.pem"},
+                                 "torchserve": {"jvm_options": ["-Xmx2g"], "gpus": 0}, "coalesce": {"max_rows": 0}},
+                   {"auth.token": "secret"})
+    assert build(ServeConfig, json.loads(json.dumps(dataclasses.asdict(config))), env={}) == config
+
+
+def test_a_port_is_checked_before_processes_share_it() -> None:
+    """Listeners that share a port (SO_REUSEPORT) would join another server's that shares it too: the first
+    front-door process checks that the port is free before its listener joins."""
+    with socket.socket() as other:
+        other.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        other.bind(("127.0.0.1", 0))
+        other.listen()
+        with pytest.raises(OSError, match=r"cannot listen on 127.0.0.1:\d+: the port is taken"):
+            check_port_free("127.0.0.1", other.getsockname()[1])
+        port = other.getsockname()[1]
+    check_port_free("127.0.0.1", port)  # closed: free again

@@ -249,3 +249,62 @@ def test_each_archive_loads_with_the_workers_its_config_asks_for(store: Path) ->
         return {name: fake.workers[models.resolve(name).internal] for name in ("wide", "plain")}
 
     assert asyncio.run(scenario()) == {"wide": 3, "plain": len(os.sched_getaffinity(0))}
+
+
+class FakeFollowerClient:
+    """The TorchServe client of a further front-door process: readiness is what the first process says."""
+
+    def __init__(self) -> None:
+        self.states: dict[str, bool] = {}
+        self._listeners: list = []
+
+    def add_listener(self, listener) -> None:  # type: ignore[no-untyped-def]
+        self._listeners.append(listener)
+
+    def ready(self, internal: str) -> bool:
+        return self.states.get(internal, False)
+
+
+def test_another_process_routes_by_the_table_it_is_sent_and_holds_a_retired_build_until_its_requests_end(
+        store: Path) -> None:
+    """server/doors.py: the first process's table, through JSON, routes another process's requests alike; a
+    build retired there is unloaded only once the other process has no request at it either."""
+    old = mar(store, "m", "1.0")
+    mar(store, "m", "2.0")
+
+    async def main() -> None:
+        models, fake = manager(store)
+        follower_client = FakeFollowerClient()
+        follower = ModelManager(store / "unused", follower_client)  # type: ignore[arg-type]
+        released = asyncio.Event()
+
+        async def elsewhere(internal: str) -> None:
+            await released.wait()
+        models.elsewhere = elsewhere
+
+        def send() -> list:  # what Doors sends: the table, and TorchServe's readiness
+            follower_client.states = {i: fake.ready(i) for i in fake.loaded}
+            return follower.mirror(json.loads(json.dumps(models.snapshot())))
+
+        assert send() == [] and not follower.serving()  # nothing loaded yet: not serving
+        await started(models)
+        send()
+        assert follower.serving() and follower.route("m").archive.version == "2.0"
+        one = follower.route("m", "1.0")
+        assert one.manifest == models.route("m", "1.0").manifest
+        with follower.in_flight(one):  # a request in the other process at 1.0 while its archive goes
+            old.unlink()
+            await models.reload()
+            retired = send()
+            assert [v.internal for v in retired] == [one.internal] and one.state == "draining"
+            with pytest.raises(ModelNotFound):
+                follower.route("m", "1.0")
+            await asyncio.sleep(0.05)
+            assert one.internal in fake.loaded  # its own requests ended, but not the other process's
+        released.set()  # the other process reports it idle (server/doors.py `_report_idle`)
+        await asyncio.sleep(0.05)
+        assert one.internal not in fake.loaded
+        send()
+        assert follower.versions("m").keys() == {"2.0"}
+
+    asyncio.run(main())

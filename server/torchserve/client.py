@@ -16,14 +16,16 @@ TorchServe upgrade that rewords one is fixed here.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
 import re
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
+from typing import Any
 from urllib.parse import quote, urlsplit
 
 import httpx
@@ -167,6 +169,25 @@ class TorchServeClient:
             inference.close()  # ends the calls in flight: `predict` answers them UNAVAILABLE
         if http is not None:
             await http.aclose()
+
+    async def follow(self, state: Mapping[str, Any]) -> None:
+        """Another front-door process runs TorchServe (server/doors.py): send predictions where its `shared()`
+        state says TorchServe listens, with the keys from its key file, and take its word on readiness."""
+        shared = state["endpoint"]
+        endpoint = shared and Endpoint(**{**shared, "key_file": Path(shared["key_file"])})
+        if endpoint != self._endpoint:
+            await self.stop()
+            if endpoint is not None:
+                await self.connect(endpoint, list(state["ready"]))
+        if endpoint is not None and self._keys is None:
+            await self._read_keys_once()  # written once TorchServe is up: by the time it reports a model ready
+        self._set_ready(dict(state["ready"]) if endpoint is not None else {})
+
+    def shared(self) -> dict[str, Any]:
+        """Where TorchServe listens and which models it serves, for `follow` in another process (JSON)."""
+        endpoint = self._endpoint
+        return {"endpoint": endpoint and {**dataclasses.asdict(endpoint), "key_file": str(endpoint.key_file)},
+                "ready": dict(self._ready)}
 
     # --- readiness -----------------------------------------------------------------------------------------
 

@@ -1,0 +1,158 @@
+"""Several front-door processes on one port (`--processes 2`, server/doors.py), on the real stack: connections
+spread over both, each answers as the in-process model does, /metrics counts both, a region registered through
+one is read through the other, a killed process is started again, and SIGTERM stops them all."""
+
+from __future__ import annotations
+
+import contextlib
+import re
+import signal
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import httpx
+import numpy as np
+import psutil
+import pytest
+import torch
+from frontdoor_fixtures import TOKEN, FrontDoor, built_store, digits, running_front_door, selected_model
+
+from client.grpc_client import decode, request
+from server.generated import grpc_service_pb2 as pb
+from server.generated import grpc_service_pb2_grpc as pb_grpc
+
+pytestmark = pytest.mark.slow
+AUTH = (("authorization", f"Bearer {TOKEN}"),)
+CONNECTIONS = 16  # on two listeners, all on one: 2 in 65536
+
+
+@pytest.fixture(scope="module")
+def door(tmp_path_factory: pytest.TempPathFactory) -> Iterator[FrontDoor]:
+    store = built_store(tmp_path_factory).path
+    with running_front_door(store, tmp_path_factory.mktemp("doors"), TOKEN, "--processes", "2") as running:
+        yield running
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory: pytest.TempPathFactory) -> torch.nn.Module:
+    return selected_model(built_store(tmp_path_factory).run)
+
+
+def processes(door: FrontDoor) -> list[psutil.Process]:
+    """The first front-door process, then the others it started."""
+    first, others = psutil.Process(door.process.pid), []
+    for child in first.children():
+        with contextlib.suppress(psutil.Error):  # one just killed (a zombie) has no command line
+            if "server.doors" in child.cmdline():
+                others.append(child)
+    return [first, *others]
+
+
+def holding(door: FrontDoor, port: int) -> set[int]:
+    """The front-door processes with an accepted connection on `port`."""
+    return {p.pid for p in processes(door)
+            if any(c.status == psutil.CONN_ESTABLISHED and c.laddr.port == port for c in p.net_connections("tcp"))}
+
+
+def channels(door: FrontDoor, n: int = CONNECTIONS) -> list[grpc.Channel]:
+    # A local subchannel pool: each channel its own connection (by default equal channels share one).
+    return [grpc.insecure_channel(door.grpc_target, options=[("grpc.use_local_subchannel_pool", 1)])
+            for _ in range(n)]
+
+
+def ok_infers(door: FrontDoor) -> int:
+    text = httpx.get(f"{door.http_url}/metrics", headers=door.headers, timeout=10).text
+    return sum(int(float(v)) for v in re.findall(
+        r'^gradserve_requests_total\{[^}]*method="ModelInfer"[^}]*status="OK"[^}]*\} (\S+)$', text, re.MULTILINE))
+
+
+def test_connections_spread_over_both_processes_and_each_answers_as_the_model(
+        door: FrontDoor, reference: torch.nn.Module) -> None:
+    x = digits()[0][:CONNECTIONS]
+    with torch.no_grad():
+        expected = reference(torch.from_numpy(x)).numpy()
+    before = ok_infers(door)
+    opened = channels(door)
+    try:
+        for i, channel in enumerate(opened):
+            answer = pb_grpc.GRPCInferenceServiceStub(channel).ModelInfer(request("digits", x[i:i + 1]), metadata=AUTH)
+            np.testing.assert_allclose(decode(answer)["logits"], expected[i:i + 1], atol=1e-5)
+        assert len(processes(door)) == 2
+        assert holding(door, int(door.grpc_target.rsplit(":", 1)[1])) == {p.pid for p in processes(door)}
+    finally:
+        for channel in opened:
+            channel.close()
+    http_port = int(door.http_url.rsplit(":", 1)[1])
+    clients = [httpx.Client(base_url=door.http_url, headers=door.headers, timeout=30) for _ in range(CONNECTIONS)]
+    try:
+        for i, client in enumerate(clients):
+            body = {"inputs": [{"name": "input", "datatype": "FP32", "shape": [1, 1, 8, 8],
+                                "data": x[i].ravel().tolist()}]}
+            answer = client.post("/v2/models/digits/infer", json=body)
+            assert answer.status_code == 200, answer.text
+            np.testing.assert_allclose(answer.json()["outputs"][0]["data"], expected[i], atol=1e-5)
+        assert holding(door, http_port) == {p.pid for p in processes(door)}
+    finally:
+        for client in clients:
+            client.close()
+    assert ok_infers(door) - before == 2 * CONNECTIONS  # /metrics, from either process, counts both
+
+
+def test_a_region_registered_through_one_process_is_read_through_the_other(door: FrontDoor, tmp_path: Path) -> None:
+    key = f"gradserve-test-doors-{tmp_path.name}"
+    x = digits()[0][:1]
+    shm = Path("/dev/shm") / key
+    shm.write_bytes(x.tobytes())
+    opened = channels(door)
+    try:
+        stubs = [pb_grpc.GRPCInferenceServiceStub(c) for c in opened]
+        stubs[0].SystemSharedMemoryRegister(pb.SystemSharedMemoryRegisterRequest(
+            name="in", key=key, offset=0, byte_size=x.nbytes), metadata=AUTH)
+        direct = decode(stubs[0].ModelInfer(request("digits", x), metadata=AUTH))["logits"]
+        shared = request("digits", x)
+        del shared.raw_input_contents[:]
+        shared.inputs[0].parameters["shared_memory_region"].string_param = "in"
+        shared.inputs[0].parameters["shared_memory_byte_size"].int64_param = x.nbytes
+        for stub in stubs:
+            np.testing.assert_allclose(decode(stub.ModelInfer(shared, metadata=AUTH))["logits"], direct, atol=1e-6)
+        assert holding(door, int(door.grpc_target.rsplit(":", 1)[1])) == {p.pid for p in processes(door)}
+        stubs[-1].SystemSharedMemoryUnregister(pb.SystemSharedMemoryUnregisterRequest(name="in"), metadata=AUTH)
+        for stub in stubs:
+            with pytest.raises(grpc.RpcError) as refused:
+                stub.ModelInfer(shared, metadata=AUTH)
+            assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            assert "no shared memory region 'in' is registered" in str(refused.value.details())
+    finally:
+        for channel in opened:
+            channel.close()
+        shm.unlink()
+
+
+def test_a_killed_process_is_started_again(door: FrontDoor) -> None:
+    killed = processes(door)[1]
+    killed.kill()
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and [p.pid for p in processes(door)[1:]] in ([], [killed.pid]):
+        time.sleep(0.2)
+    assert len(processes(door)) == 2 and processes(door)[1].pid != killed.pid, door.log_tail()
+    assert "front-door process 2 ended (exit code -9); starting it again" in door.log_tail(200)
+    while time.monotonic() < deadline and door.log_tail(200).count("front-door process 2 (pid") < 2:
+        time.sleep(0.2)
+    x = digits()[0][:1]
+    opened = channels(door)
+    try:
+        for channel in opened:
+            pb_grpc.GRPCInferenceServiceStub(channel).ModelInfer(request("digits", x), metadata=AUTH)
+        assert holding(door, int(door.grpc_target.rsplit(":", 1)[1])) == {p.pid for p in processes(door)}
+    finally:
+        for channel in opened:
+            channel.close()
+
+
+def test_sigterm_stops_every_process(door: FrontDoor) -> None:
+    """Last in this module: it ends the module's server."""
+    every = processes(door)
+    assert door.stop(signal.SIGTERM, timeout=30) == 0, door.log_tail()
+    assert not any(p.is_running() and p.status() != psutil.STATUS_ZOMBIE for p in every)
