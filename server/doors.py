@@ -57,7 +57,7 @@ HEALTHY_AFTER_S = 60.0  # one that ran this long before dying starts again after
 class _Door:
     number: int  # 2, 3, ...: the first process is 1
     process: subprocess.Popen[bytes] | None = None
-    writer: asyncio.StreamWriter | None = None  # set once it listens
+    writer: asyncio.StreamWriter | None = None  # while it runs: the states go there
     idle: set[str] = field(default_factory=set)  # retired builds it has no request at
 
 
@@ -163,13 +163,15 @@ class Doors:
         writer.write(_line({"hello": {
             "number": door.number, "config": self._config, "shared": str(self._shared),
             "http_fd": self._http_socket.fileno() if self._http_socket is not None else None}}))
+        writer.write(self._state())  # the table it starts with, before it listens
+        door.writer = writer  # every change from here on, and its requests count for unloading
         try:
-            if await reader.readline():  # {"started": pid}: it listens
-                log.info("front-door process %d (pid %d) listens", door.number, door.process.pid)
-                writer.write(self._state())
-                door.writer = writer
-                while line := await reader.readline():
-                    door.idle.add(json.loads(line)["idle"])
+            while line := await reader.readline():
+                message = json.loads(line)
+                if "started" in message:  # it listens
+                    log.info("front-door process %d (pid %d) listens", door.number, door.process.pid)
+                else:
+                    door.idle.add(message["idle"])
                     await self._notify()
         finally:
             door.writer = None
@@ -225,8 +227,10 @@ async def follow(config: ServeConfig, control: socket.socket, hello: dict[str, A
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     reader, writer = await asyncio.open_unix_connection(sock=control, limit=LINE_LIMIT)
+    follower = _Follower(models, client, writer)
+    await follower.take(await reader.readline())  # the model table first: no request may find it empty
     await transports.start()
-    tasks = [asyncio.create_task(_follow(reader, writer, models, client)),
+    tasks = [asyncio.create_task(follower.run(reader)),
              *([asyncio.create_task(tokens.watch())] if config.auth.token_file else [])]
     tasks[0].add_done_callback(lambda task: _first_gone(task, stop))
     writer.write(_line({"started": os.getpid()}))
@@ -240,23 +244,37 @@ async def follow(config: ServeConfig, control: socket.socket, hello: dict[str, A
     return 1 if transports.failed else 0
 
 
-async def _follow(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, models: ModelManager,
-                  client: TorchServeClient) -> None:
-    """Take each state the first process sends; tell it when the retired builds have no request here."""
-    reported: set[str] = set()
-    waiting: set[asyncio.Task[None]] = set()
-    while line := await reader.readline():
+class _Follower:
+    """Takes each state the first process sends; tells it when a retired build has no request here."""
+
+    def __init__(self, models: ModelManager, client: TorchServeClient, writer: asyncio.StreamWriter) -> None:
+        self._models, self._client, self._writer = models, client, writer
+        self._reported: set[str] = set()  # retired builds being (or already) reported
+        self._waiting: set[asyncio.Task[None]] = set()
+
+    async def run(self, reader: asyncio.StreamReader) -> None:
+        while line := await reader.readline():
+            await self.take(line)
+        log.warning("the first front-door process is gone; stopping")
+
+    async def take(self, line: bytes) -> None:
+        if not line:
+            raise ConnectionError("the first front-door process went away before it sent the model table")
         state = json.loads(line)
-        await client.follow(state["torchserve"])
-        for loaded in models.mirror(state["models"]):
-            if loaded.internal not in reported:
-                reported.add(loaded.internal)
-                task = asyncio.create_task(_report_idle(loaded, writer))
-                waiting.add(task)
-                task.add_done_callback(waiting.discard)
-        reported -= {v.internal for name in models.names for v in models.versions(name).values()
-                     if v.state != "draining"}
-    log.warning("the first front-door process is gone; stopping")
+        await self._client.follow(state["torchserve"])
+        for loaded in self._models.mirror(state["models"]):
+            if loaded.internal not in self._reported:
+                self._reported.add(loaded.internal)
+                task = asyncio.create_task(self._report_idle(loaded))
+                self._waiting.add(task)
+                task.add_done_callback(self._waiting.discard)
+        models = self._models
+        self._reported -= {v.internal for name in models.names for v in models.versions(name).values()
+                           if v.state != "draining"}
+
+    async def _report_idle(self, loaded: Version) -> None:
+        await loaded.idle.wait()
+        self._writer.write(_line({"idle": loaded.internal}))
 
 
 def _first_gone(task: asyncio.Task[None], stop: asyncio.Event) -> None:
@@ -266,10 +284,6 @@ def _first_gone(task: asyncio.Task[None], stop: asyncio.Event) -> None:
     stop.set()
 
 
-async def _report_idle(loaded: Version, writer: asyncio.StreamWriter) -> None:
-    await loaded.idle.wait()
-    writer.write(_line({"idle": loaded.internal}))
-
-
 if __name__ == "__main__":
     sys.exit(main(sys.argv[1:]))
+

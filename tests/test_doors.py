@@ -5,9 +5,12 @@ one is read through the other, a killed process is started again, and SIGTERM st
 from __future__ import annotations
 
 import contextlib
+import json
 import re
+import shutil
 import signal
 import time
+import zipfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -29,8 +32,16 @@ CONNECTIONS = 16  # on two listeners, all on one: 2 in 65536
 
 
 @pytest.fixture(scope="module")
-def door(tmp_path_factory: pytest.TempPathFactory) -> Iterator[FrontDoor]:
-    store = built_store(tmp_path_factory).path
+def store(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A copy of the session's store: a test here adds and removes versions."""
+    copy = tmp_path_factory.mktemp("doors-store")
+    for archive in built_store(tmp_path_factory).path.glob("*.mar"):
+        shutil.copy(archive, copy)
+    return copy
+
+
+@pytest.fixture(scope="module")
+def door(store: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[FrontDoor]:
     with running_front_door(store, tmp_path_factory.mktemp("doors"), TOKEN, "--processes", "2") as running:
         yield running
 
@@ -128,6 +139,53 @@ def test_a_region_registered_through_one_process_is_read_through_the_other(door:
         for channel in opened:
             channel.close()
         shm.unlink()
+
+
+def as_version(archive: Path, into: Path, version: str) -> None:
+    """A copy of `archive` that says it is `version` (gradserve's manifest and TorchServe's)."""
+    with zipfile.ZipFile(archive) as src, zipfile.ZipFile(into, "w") as dst:
+        for item in src.infolist():
+            data = src.read(item)
+            if item.filename == "gradserve.json":
+                data = json.dumps({**json.loads(data), "version": version}).encode()
+            elif item.filename == "MAR-INF/MANIFEST.json":
+                mar = json.loads(data)
+                mar["model"]["modelVersion"] = version
+                data = json.dumps(mar).encode()
+            dst.writestr(item, data)
+
+
+def test_a_new_version_reaches_every_process_and_the_old_one_unloads_once_none_uses_it(
+        door: FrontDoor, store: Path) -> None:
+    x = digits()[0][:1]
+    opened = channels(door)
+    stubs = [pb_grpc.GRPCInferenceServiceStub(c) for c in opened]
+
+    def versions_answering() -> set[str]:
+        return {stub.ModelInfer(request("digits", x), metadata=AUTH).model_version for stub in stubs}
+
+    try:
+        assert versions_answering() == {"1.0"}
+        as_version(store / "digits-1.0.mar", store / "digits-2.0.mar.part", "2.0")
+        (store / "digits-2.0.mar.part").rename(store / "digits-2.0.mar")
+        deadline = time.monotonic() + 90
+        while versions_answering() != {"2.0"} and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert versions_answering() == {"2.0"}, door.log_tail()
+        for old in ("digits-1.0.mar", "digits.mar"):
+            (store / old).unlink()
+        while "model digits version 1.0 unloaded" not in door.log_tail(300) and time.monotonic() < deadline:
+            assert versions_answering() == {"2.0"}  # served throughout
+        assert "model digits version 1.0 unloaded" in door.log_tail(300)
+        one = request("digits", x)
+        one.model_version = "1.0"
+        for stub in stubs:
+            with pytest.raises(grpc.RpcError) as gone:
+                stub.ModelInfer(one, metadata=AUTH)
+            assert gone.value.code() == grpc.StatusCode.NOT_FOUND
+    finally:
+        for channel in opened:
+            channel.close()
 
 
 def test_a_killed_process_is_started_again(door: FrontDoor) -> None:

@@ -111,8 +111,10 @@ class TorchServe:
         self._log_starts = {p: p.stat().st_size if p.exists() else 0 for p in (self.ts_log_path, self.model_log_path)}
         properties = workdir / "config.properties"
         properties.write_text(self.properties())
-        # Not the clients' token: TorchServe and its workers (which run the model's code) never need it.
-        env = {**{k: v for k, v in os.environ.items() if k != ENV_TOKEN}, "TEMP": str(workdir / "tmp"),
+        # Not the clients' token: TorchServe and its workers (which run the model's code) never need it. Nor the
+        # front door's metrics folder (server/metrics.py): a handler using prometheus_client would write there.
+        private = (ENV_TOKEN, "PROMETHEUS_MULTIPROC_DIR")
+        env = {**{k: v for k, v in os.environ.items() if k not in private}, "TEMP": str(workdir / "tmp"),
                "TMPDIR": str(workdir / "tmp"),
                "LOG_LOCATION": str(workdir / "logs"), "METRICS_LOCATION": str(workdir / "logs"),
                **({QUIET_METRICS_ENV: "1"} if self.config.log_config == LOG_CONFIG else {})}
