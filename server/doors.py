@@ -226,6 +226,7 @@ async def follow(config: ServeConfig, control: socket.socket, hello: dict[str, A
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    loop.add_signal_handler(signal.SIGHUP, lambda: None)  # the first process reads the store again; we follow it
     reader, writer = await asyncio.open_unix_connection(sock=control, limit=LINE_LIMIT)
     follower = _Follower(models, client, writer)
     await follower.take(await reader.readline())  # the model table first: no request may find it empty

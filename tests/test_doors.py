@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import re
 import shutil
 import signal
@@ -209,8 +210,11 @@ def test_a_killed_process_is_started_again(door: FrontDoor) -> None:
             channel.close()
 
 
-def test_sigterm_stops_every_process(door: FrontDoor) -> None:
+def test_sighup_keeps_every_process_and_sigterm_stops_them(door: FrontDoor) -> None:
     """Last in this module: it ends the module's server."""
     every = processes(door)
+    os.killpg(door.process.pid, signal.SIGHUP)  # the group, as a closed terminal sends it: the store is read again
+    time.sleep(1)
+    assert [p.pid for p in processes(door)] == [p.pid for p in every] and all(p.is_running() for p in every)
     assert door.stop(signal.SIGTERM, timeout=30) == 0, door.log_tail()
     assert not any(p.is_running() and p.status() != psutil.STATUS_ZOMBIE for p in every)
