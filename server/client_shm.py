@@ -1,5 +1,5 @@
-"""Inputs in the client's shared memory: Triton's system shared memory extension, for clients on the same host
-(or in the same pod).
+"""Inputs and outputs in the client's shared memory: Triton's system shared memory extension, for clients on the
+same host (or in the same pod).
 
 A client creates a POSIX shared memory object (`tritonclient.utils.shared_memory`, or `shm_open`), registers it
 under a name (gRPC SystemSharedMemoryRegister, REST POST /v2/systemsharedmemory/region/<name>/register with its
@@ -10,9 +10,13 @@ then skips the transport's receive path, which is where the front door spends mo
 
 The front door reads a region with pread into an array of its own: the request owns its bytes from then on, and a
 region the client truncated or removed gives an error for that request, never a signal that would stop the
-server (a mapping read past its file's end would). It only reads: outputs come back in the response as always
-(an output that asks for a region is refused, saying so). Keys are names in /dev/shm, as shm_open takes them;
-the front door's own payload files (a folder of their own there) cannot be named.
+server (a mapping read past its file's end would). An output whose request names a region (the same three
+parameters) is written there with pwrite once the model has answered, and comes back in the response as its
+name, datatype and shape only, as Triton answers (over gRPC an empty raw_output_contents entry keeps the
+others' places). The regions an output names are checked before the model runs; an output larger than the bytes
+its request gave it fails the request. The server opens an object for writing where its permissions allow, and
+writes only where an output asks. Keys are names in /dev/shm, as shm_open takes them; the front door's own
+payload files (a folder of their own there) cannot be named.
 """
 
 from __future__ import annotations
@@ -50,16 +54,27 @@ class Region:
     offset: int
     byte_size: int
     fd: int
+    writable: bool = False  # opened for writing too: outputs may go there
 
     def status(self) -> dict[str, Any]:
         return {"name": self.name, "key": self.key, "offset": self.offset, "byte_size": self.byte_size}
+
+
+@dataclass(frozen=True)
+class Target:
+    """Where an output goes: `byte_size` bytes at `offset` in a region, as the request's output asked."""
+
+    output: str
+    region: str
+    offset: int
+    byte_size: int
 
 
 class Regions:
     """The registered regions by name. Registering opens the object read-only; unregistering closes it (a request
     reading it at that moment finishes on its own descriptor).
 
-    With several front-door processes (server/doors.py) a region registered through one is read through any: each
+    With several front-door processes (server/doors.py) a region registered through one is used through any: each
     registration is also a file in the `shared` folder they all look at, and each process opens (and closes) its
     own descriptors as the folder changes."""
 
@@ -99,11 +114,15 @@ class Regions:
         if offset < 0 or byte_size <= 0:
             raise InvalidInput(f"shared memory region {name!r}: offset must be 0 or more and byte_size more than 0, "
                                f"got offset {offset} and byte_size {byte_size}")
+        path, flags = self._root / match.group(1), os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK
         try:
-            fd = os.open(self._root / match.group(1), os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK)
-        except OSError as e:
-            raise InvalidInput(f"shared memory key {key!r} cannot be opened ({e.strerror}): create it "
-                               "(shm_open, or tritonclient.utils.shared_memory) before registering it") from None
+            fd, writable = os.open(path, os.O_RDWR | flags), True
+        except OSError:  # read-only to this server's user (inputs only), or not there: the next open says which
+            try:
+                fd, writable = os.open(path, os.O_RDONLY | flags), False
+            except OSError as e:
+                raise InvalidInput(f"shared memory key {key!r} cannot be opened ({e.strerror}): create it "
+                                   "(shm_open, or tritonclient.utils.shared_memory) before registering it") from None
         try:
             found = os.fstat(fd)
             if not stat.S_ISREG(found.st_mode):
@@ -114,7 +133,7 @@ class Regions:
         except BaseException:
             os.close(fd)
             raise
-        return Region(name, key, offset, byte_size, fd)
+        return Region(name, key, offset, byte_size, fd, writable)
 
     # --- the registrations the front-door processes share ----------------------------------------------------
 
@@ -191,36 +210,72 @@ class Regions:
 
     def read(self, input_name: str, parameters: Mapping[str, Any]) -> memoryview:
         """The bytes an input's parameters name: a copy the request owns."""
-        name, size, offset = (parameters.get(k) for k in (REGION, BYTE_SIZE, OFFSET))
-        if not isinstance(name, str) or not isinstance(size, int) or isinstance(size, bool) \
-                or not isinstance(offset if offset is not None else 0, int):
-            raise InvalidInput(f"input {input_name!r}: {REGION} needs {BYTE_SIZE} (and optionally {OFFSET}) "
-                               "as integers")
-        offset = offset or 0
-        if size > self._max_read_bytes:
-            raise MessageTooLarge(f"input {input_name!r}: {size} bytes from shared memory, more than the "
-                                  f"{self._max_read_bytes} a request may carry; send fewer rows per request")
-        with self._lock:
-            self._sync()
-            region = self._regions.get(name)
-            if name in self._unopened:
-                raise InvalidInput(f"input {input_name!r}: region {name!r} cannot be read here: {self._unopened[name]}")
-            if region is None:
-                raise InvalidInput(f"input {input_name!r}: no shared memory region {name!r} is registered: "
-                                   "register it first")
-            fd = os.dup(region.fd)  # unregistering under this read closes the region's descriptor, not this one
+        region, fd, size, offset = self._locate("input", input_name, parameters)
         try:
-            if offset < 0 or size < 0 or offset + size > region.byte_size:
-                raise InvalidInput(f"input {input_name!r}: {OFFSET} {offset} + {BYTE_SIZE} {size} passes the end "
-                                   f"of region {name!r} ({region.byte_size} bytes)")
             data = np.empty(size, np.uint8)
             got = os.preadv(fd, [data], region.offset + offset) if size else 0
         finally:
             os.close(fd)
         if got != size:
-            raise InvalidInput(f"input {input_name!r}: region {name!r} holds {got} of the {size} bytes asked for "
-                               "(its object shrank after it was registered)")
+            raise InvalidInput(f"input {input_name!r}: region {region.name!r} holds {got} of the {size} bytes asked "
+                               "for (its object shrank after it was registered)")
         return memoryview(data)
+
+    def target(self, output_name: str, parameters: Mapping[str, Any]) -> Target:
+        """Where an output's parameters ask it to be written, checked before the model runs."""
+        region, fd, size, offset = self._locate("output", output_name, parameters)
+        os.close(fd)
+        if not region.writable:
+            raise InvalidInput(f"output {output_name!r}: region {region.name!r} is read-only to the server: create "
+                               "its object writable by the server's user to receive outputs there")
+        return Target(output_name, region.name, offset, size)
+
+    def write(self, target: Target, data: bytes | memoryview) -> None:
+        """An output's bytes into the region its request named, from the region's start plus its offset."""
+        n = memoryview(data).nbytes
+        if n > target.byte_size:
+            raise InvalidInput(f"output {target.output!r} has {n} bytes, more than the {target.byte_size} its request "
+                               f"gave it in region {target.region!r}: give it at least {n} ({BYTE_SIZE})")
+        where = {REGION: target.region, BYTE_SIZE: target.byte_size, OFFSET: target.offset}
+        region, fd, _, offset = self._locate("output", target.output, where)
+        try:
+            at = region.offset + offset
+            if os.fstat(fd).st_size < at + n:
+                raise InvalidInput(f"output {target.output!r}: region {region.name!r} is smaller than when it was "
+                                   "registered (its object shrank); register it again")
+            view = memoryview(data).cast("B")
+            while view:
+                written = os.pwrite(fd, view, at)
+                view, at = view[written:], at + written
+        finally:
+            os.close(fd)
+
+    def _locate(self, kind: str, tensor: str, parameters: Mapping[str, Any]) -> tuple[Region, int, int, int]:
+        """The region a tensor's parameters name, a descriptor of it the caller closes, and the byte size and offset
+        in it, checked against the region's bounds."""
+        name, size, offset = (parameters.get(k) for k in (REGION, BYTE_SIZE, OFFSET))
+        if not isinstance(name, str) or not isinstance(size, int) or isinstance(size, bool) \
+                or not isinstance(offset if offset is not None else 0, int):
+            raise InvalidInput(f"{kind} {tensor!r}: {REGION} needs {BYTE_SIZE} (and optionally {OFFSET}) "
+                               "as integers")
+        offset = offset or 0
+        if kind == "input" and size > self._max_read_bytes:
+            raise MessageTooLarge(f"input {tensor!r}: {size} bytes from shared memory, more than the "
+                                  f"{self._max_read_bytes} a request may carry; send fewer rows per request")
+        with self._lock:
+            self._sync()
+            region = self._regions.get(name)
+            if name in self._unopened:
+                raise InvalidInput(f"{kind} {tensor!r}: region {name!r} cannot be used here: {self._unopened[name]}")
+            if region is None:
+                raise InvalidInput(f"{kind} {tensor!r}: no shared memory region {name!r} is registered: "
+                                   "register it first")
+            fd = os.dup(region.fd)  # unregistering under this call closes the region's descriptor, not this one
+        if offset < 0 or size < 0 or offset + size > region.byte_size:
+            os.close(fd)
+            raise InvalidInput(f"{kind} {tensor!r}: {OFFSET} {offset} + {BYTE_SIZE} {size} passes the end "
+                               f"of region {name!r} ({region.byte_size} bytes)")
+        return region, fd, size, offset
 
     def close(self) -> None:
         """This process lets go of its descriptors; the registrations stay for the other processes."""

@@ -14,7 +14,7 @@ running; each answers gRPC and REST as the first does.
   again; one whose first process is gone (its control socket closed) stops.
 - Metrics and the clients' shared-memory regions live in a folder they share (server/metrics.py
   `share_between_processes`, server/client_shm.py): /metrics in any process reports them all, and a region
-  registered through one is read through any.
+  registered through one is used through any.
 
 The control socket carries one JSON object per line: the first process sends `hello` (the configuration, the
 shared folder, the HTTP socket's descriptor) and then `{"models", "torchserve"}` states; the other answers

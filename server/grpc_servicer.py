@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from typing import Any, TypeVar
 
 import grpc
@@ -172,16 +172,15 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     async def _infer(self, request: pb.ModelInferRequest, obs: metrics.Observation, timeout: float | None
                      ) -> pb.ModelInferResponse:
-        if any(client_shm.wants_region(o.parameters) for o in request.outputs):
-            raise InvalidInput("outputs in shared memory are not supported: the outputs come back in the response "
-                               f"(leave out the outputs' {client_shm.REGION})")
+        regions = self._backend.regions
+        targets = {o.name: regions.target(o.name, _values(o.parameters)) for o in request.outputs
+                   if client_shm.wants_region(o.parameters)}  # checked before the model runs
         # Raw contents decode without a copy; many typed values, or a region's bytes, take a while: off the event
         # loop, then.
         typed = sum(len(getattr(t.contents, CONTENTS_FIELD.get(t.datatype, "fp32_contents"))) for t in request.inputs
                     if t.HasField("contents") and t.datatype not in WIRE_FLOATS)
         in_region = sum(_int_param(t.parameters[client_shm.BYTE_SIZE]) for t in request.inputs
                         if client_shm.BYTE_SIZE in t.parameters)
-        regions = self._backend.regions
         if typed > TYPED_IN_THREAD or in_region > REGION_BYTES_IN_THREAD:
             inputs = await asyncio.to_thread(decode_inputs, request, regions)
         else:
@@ -190,7 +189,9 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         requested = [o.name for o in request.outputs]
         manifest, outputs = await self._backend.infer(request.model_name, request.model_version, inputs, requested,
                                                       timeout)
-        return encode_outputs(manifest, request.id, outputs)
+        if sum(outputs[name].nbytes for name in targets) > REGION_BYTES_IN_THREAD:
+            return await asyncio.to_thread(encode_outputs, manifest, request.id, outputs, targets, regions)
+        return encode_outputs(manifest, request.id, outputs, targets, regions)
 
 
 def model_metadata(meta: dict[str, Any]) -> pb.ModelMetadataResponse:
@@ -235,13 +236,16 @@ def decode_inputs(request: pb.ModelInferRequest, regions: client_shm.Regions | N
                 raise InvalidInput(f"input {tensor.name!r}: this server reads no shared memory")
             if tensor.HasField("contents"):
                 raise InvalidInput(f"input {tensor.name!r}: send a shared memory region or contents, not both")
-            parameters = {k: getattr(v, v.WhichOneof("parameter_choice") or "string_param")
-                          for k, v in tensor.parameters.items()}
-            data = regions.read(tensor.name, parameters)
+            data = regions.read(tensor.name, _values(tensor.parameters))
             inputs[tensor.name] = oip.from_bytes(tensor.name, tensor.datatype, tensor.shape, data)
         else:
             inputs[tensor.name] = decode_input(tensor, next(given) if raw else None)
     return inputs
+
+
+def _values(parameters: Mapping[str, pb.InferParameter]) -> dict[str, Any]:
+    """A tensor's parameters as plain values."""
+    return {k: getattr(v, v.WhichOneof("parameter_choice") or "string_param") for k, v in parameters.items()}
 
 
 def decode_input(tensor: pb.ModelInferRequest.InferInputTensor, raw: bytes | None) -> np.ndarray:
@@ -282,10 +286,18 @@ def _varint(data: bytes, at: int) -> tuple[int, int]:
             return at, value
 
 
-def encode_outputs(manifest: Manifest, request_id: str, outputs: dict[str, np.ndarray]) -> pb.ModelInferResponse:
-    """Every output in raw_output_contents (BYTES length-prefixed), as Triton's clients expect."""
+def encode_outputs(manifest: Manifest, request_id: str, outputs: dict[str, np.ndarray],
+                   targets: Mapping[str, client_shm.Target] | None = None,
+                   regions: client_shm.Regions | None = None) -> pb.ModelInferResponse:
+    """Every output in raw_output_contents (BYTES length-prefixed), as Triton's clients expect; one with a
+    `targets` entry is written to that shared memory region instead, its place in raw_output_contents empty."""
     response = pb.ModelInferResponse(model_name=manifest.name, model_version=manifest.version, id=request_id)
     for name, array in outputs.items():
         response.outputs.add(name=name, datatype=codec.datatype_of(array.dtype), shape=array.shape)
-        response.raw_output_contents.append(oip.to_raw(array))
+        target = targets.get(name) if targets else None
+        if target is not None and regions is not None:
+            regions.write(target, oip.to_raw(array))
+            response.raw_output_contents.append(b"")
+        else:
+            response.raw_output_contents.append(oip.to_raw(array))
     return response

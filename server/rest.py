@@ -119,7 +119,8 @@ def create_app(config: ServeConfig, backend: Backend, tokens: auth.Tokens) -> Fa
 
 
 def _shared_memory_routes(app: FastAPI, backend: Backend) -> None:
-    """Triton's system shared memory extension (server/client_shm.py): inputs read from the client's memory."""
+    """Triton's system shared memory extension (server/client_shm.py): inputs read from, and outputs written to,
+    the client's memory."""
     @app.post("/v2/systemsharedmemory/region/{region}/register")
     @route("SystemSharedMemoryRegister")
     async def register_region(region: str, request: Request, obs: metrics.Observation) -> JSONResponse:
@@ -154,7 +155,9 @@ async def infer_endpoint(request: Request, backend: Backend, config: ServeConfig
     call = await _read_call(request, backend, model, version, config.limits.max_message_bytes)
     obs.rows = max((len(x) for x in call.inputs.values() if x.ndim), default=0)
     manifest, outputs = await backend.infer(model, version, call.inputs, call.outputs, _timeout(request))
-    return inference_response(manifest, call, outputs)
+    if sum(outputs[name].nbytes for name in call.targets) > PARSE_IN_THREAD_BYTES:
+        return await asyncio.to_thread(inference_response, manifest, call, outputs, backend.regions)
+    return inference_response(manifest, call, outputs, backend.regions)
 
 
 async def _read_call(request: Request, backend: Backend, model: str, version: str, max_bytes: int) -> Inference:

@@ -115,6 +115,7 @@ class Inference:
     outputs: list[str] = field(default_factory=list)
     binary_outputs: dict[str, bool] = field(default_factory=dict)  # an output's own parameters.binary_data
     binary_by_default: bool = False  # the request's parameters.binary_data_output
+    targets: dict[str, client_shm.Target] = field(default_factory=dict)  # outputs to write to shared memory
 
     def binary(self, output: str) -> bool:
         return self.binary_outputs.get(output, self.binary_by_default)
@@ -169,9 +170,12 @@ def read_inference(body: bytes, header_length: str | None, regions: client_shm.R
     request_id = request.get("id")
     if request_id is not None and not isinstance(request_id, str):
         raise InvalidInput(f"the request's id must be a string, got {request_id!r}")
-    outputs, binary_outputs = _requested_outputs(request.get("outputs"))
+    outputs, binary_outputs, in_regions = _requested_outputs(request.get("outputs"))
+    if in_regions and regions is None:
+        raise InvalidInput(f"outputs {sorted(in_regions)}: this server writes no shared memory")
+    targets = {name: regions.target(name, asked) for name, asked in in_regions.items()} if regions else {}
     return Inference(request_id, inputs, outputs, binary_outputs,
-                     bool(_flag(parameters, "binary_data_output", "the request")))
+                     bool(_flag(parameters, "binary_data_output", "the request")), targets)
 
 
 def _split(body: bytes, header_length: str | None) -> tuple[bytes, memoryview | None]:
@@ -256,13 +260,14 @@ def _input(i: int, entry: Any, binary: memoryview | None, regions: client_shm.Re
     return name, oip.from_bytes(name, datatype, shape, binary[:size]), size
 
 
-def _requested_outputs(entries: Any) -> tuple[list[str], dict[str, bool]]:
-    """The outputs asked for, and each one's own choice of binary data."""
+def _requested_outputs(entries: Any) -> tuple[list[str], dict[str, bool], dict[str, dict[str, Any]]]:
+    """The outputs asked for, each one's own choice of binary data, and the parameters of those asked into a
+    shared memory region."""
     if entries is None:
-        return [], {}
+        return [], {}, {}
     if not isinstance(entries, list):
         raise InvalidInput('outputs must be a list of objects such as {"name": "label"}')
-    names, binary = [], {}
+    names, binary, in_regions = [], {}, {}
     for i, entry in enumerate(entries):
         if not isinstance(entry, dict) or not isinstance(entry.get("name"), str):
             raise InvalidInput(f'outputs[{i}] must be an object with a string name, such as {{"name": "label"}}')
@@ -272,21 +277,24 @@ def _requested_outputs(entries: Any) -> tuple[list[str], dict[str, bool]]:
             raise InvalidInput(f"output {name!r}: the classification extension is not supported; ask for the "
                                "output itself (the model's outputs include its label)")
         if client_shm.wants_region(parameters):
-            raise InvalidInput(f"output {name!r}: outputs in shared memory are not supported: the outputs come back "
-                               f"in the response (leave out the output's {client_shm.REGION})")
+            in_regions[name] = parameters
         flag = _flag(parameters, "binary_data", f"output {name!r}")
         if flag is not None:
             binary[name] = flag
         names.append(name)
-    return names, binary
+    return names, binary, in_regions
 
 
-def inference_response(manifest: Manifest, call: Inference, outputs: Mapping[str, np.ndarray]) -> Response:
-    """The outputs as JSON `data`, and those asked for as binary data after the JSON (binary extension)."""
+def inference_response(manifest: Manifest, call: Inference, outputs: Mapping[str, np.ndarray],
+                       regions: client_shm.Regions | None = None) -> Response:
+    """The outputs as JSON `data`, those asked for as binary data after the JSON (binary extension), and those
+    asked into shared memory written there (their entry has no data)."""
     entries, chunks = [], []
     for name, array in outputs.items():
         entry: dict[str, Any] = {"name": name, "datatype": codec.datatype_of(array.dtype), "shape": list(array.shape)}
-        if call.binary(name):
+        if name in call.targets and regions is not None:
+            regions.write(call.targets[name], oip.to_raw(array))
+        elif call.binary(name):
             raw = oip.to_raw(array)
             entry["parameters"] = {"binary_data_size": len(raw)}
             chunks.append(raw)

@@ -154,7 +154,34 @@ def test_processes_sharing_a_folder_share_the_registrations(root: Path, tmp_path
     assert os.listdir(shared) == []
     two.register("gone", "/in0", 0, 8)
     os.unlink(root / "in0")  # removed after it was registered: another process cannot open it
-    with pytest.raises(InvalidInput, match="cannot be read here"):
+    with pytest.raises(InvalidInput, match="cannot be used here"):
         read(Regions(root, shared=shared), "gone", 8)
     two.close()
     one.close()
+
+
+def test_an_output_is_written_where_its_request_asks(root: Path) -> None:
+    regions = Regions(root)
+    regions.register("out", "/in0", 64, 128)  # bytes 64..191 of the object
+    target = regions.target("logits", {"shared_memory_region": "out", "shared_memory_byte_size": 40,
+                                       "shared_memory_offset": 8})
+    answer = np.full(10, 2.5, np.float32)
+    regions.write(target, answer.tobytes())
+    held = np.frombuffer((root / "in0").read_bytes(), np.float32)
+    np.testing.assert_array_equal(held[18:28], answer)  # (64 + 8) / 4 = 18
+    np.testing.assert_array_equal(held[:18], np.arange(18, dtype=np.float32))  # the rest untouched
+    np.testing.assert_array_equal(held[28:], np.arange(28, 64, dtype=np.float32))
+
+    with pytest.raises(InvalidInput, match="has 44 bytes, more than the 40 its request gave it in region 'out': "
+                                           "give it at least 44"):
+        regions.write(target, b"\0" * 44)
+    with pytest.raises(InvalidInput, match="passes the end of region 'out'"):
+        regions.target("logits", {"shared_memory_region": "out", "shared_memory_byte_size": 128,
+                                  "shared_memory_offset": 8})
+    with pytest.raises(InvalidInput, match="no shared memory region 'nowhere' is registered"):
+        regions.target("logits", {"shared_memory_region": "nowhere", "shared_memory_byte_size": 4})
+    os.truncate(root / "in0", 100)  # the client shrank its object after the request was checked
+    with pytest.raises(InvalidInput, match="smaller than when it was registered"):
+        regions.write(target, answer.tobytes())
+    assert (root / "in0").stat().st_size == 100  # not grown back by the write
+    regions.close()

@@ -112,10 +112,10 @@ def test_connections_spread_over_both_processes_and_each_answers_as_the_model(
     assert ok_infers(door) - before == 2 * CONNECTIONS  # /metrics, from either process, counts both
 
 
-def test_a_region_registered_through_one_process_is_read_through_the_other(door: FrontDoor, tmp_path: Path) -> None:
+def test_regions_registered_through_one_process_are_used_through_the_other(door: FrontDoor, tmp_path: Path) -> None:
     key = f"gradserve-test-doors-{tmp_path.name}"
     x = digits()[0][:1]
-    shm = Path("/dev/shm") / key
+    shm, out = Path("/dev/shm") / key, Path("/dev/shm") / f"{key}-out"
     shm.write_bytes(x.tobytes())
     opened = channels(door)
     try:
@@ -130,6 +130,18 @@ def test_a_region_registered_through_one_process_is_read_through_the_other(door:
         for stub in stubs:
             np.testing.assert_allclose(decode(stub.ModelInfer(shared, metadata=AUTH))["logits"], direct, atol=1e-6)
         assert holding(door, int(door.grpc_target.rsplit(":", 1)[1])) == {p.pid for p in processes(door)}
+        out.write_bytes(bytes(len(stubs) * direct.nbytes))
+        stubs[-1].SystemSharedMemoryRegister(pb.SystemSharedMemoryRegisterRequest(
+            name="out", key=out.name, offset=0, byte_size=len(stubs) * direct.nbytes), metadata=AUTH)
+        for i, stub in enumerate(stubs):  # each answer into its own slot, through whichever process holds it
+            into = request("digits", x)
+            logits = into.outputs.add(name="logits")
+            logits.parameters["shared_memory_region"].string_param = "out"
+            logits.parameters["shared_memory_byte_size"].int64_param = direct.nbytes
+            logits.parameters["shared_memory_offset"].int64_param = i * direct.nbytes
+            assert stub.ModelInfer(into, metadata=AUTH).raw_output_contents == [b""]
+        written = np.frombuffer(out.read_bytes(), np.float32).reshape(len(stubs), *direct.shape[1:])
+        np.testing.assert_allclose(written, np.repeat(direct, len(stubs), axis=0), atol=1e-6)
         stubs[-1].SystemSharedMemoryUnregister(pb.SystemSharedMemoryUnregisterRequest(name="in"), metadata=AUTH)
         for stub in stubs:
             with pytest.raises(grpc.RpcError) as refused:
@@ -140,6 +152,7 @@ def test_a_region_registered_through_one_process_is_read_through_the_other(door:
         for channel in opened:
             channel.close()
         shm.unlink()
+        out.unlink(missing_ok=True)
 
 
 def as_version(archive: Path, into: Path, version: str) -> None:
