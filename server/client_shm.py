@@ -71,8 +71,9 @@ class Target:
 
 
 class Regions:
-    """The registered regions by name. Registering opens the object read-only; unregistering closes it (a request
-    reading it at that moment finishes on its own descriptor).
+    """The registered regions by name. Registering opens the object (for writing too, where its permissions let
+    this server's user); unregistering closes it (a request using it at that moment finishes on its own
+    descriptor).
 
     With several front-door processes (server/doors.py) a region registered through one is used through any: each
     registration is also a file in the `shared` folder they all look at, and each process opens (and closes) its

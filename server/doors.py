@@ -17,8 +17,9 @@ running; each answers gRPC and REST as the first does.
   registered through one is used through any.
 
 The control socket carries one JSON object per line: the first process sends `hello` (the configuration, the
-shared folder, the HTTP socket's descriptor) and then `{"models", "torchserve"}` states; the other answers
-`{"started": pid}` once it listens, then `{"idle": <build>}` for each retired build it no longer uses.
+shared folder, the HTTP socket's descriptor) and then `{"models", "torchserve"}` states, the first of them at
+once; the other takes that one before it listens, and answers `{"started": pid}` once it does and
+`{"idle": <build>}` for each retired build it no longer uses.
 
     python -m server.doors <control socket descriptor>    (started by the first process, never by hand)
 """
