@@ -72,7 +72,7 @@ class Limits:
     # A request's body is refused before it is read when it is larger than its model can need: max_rows rows of
     # the model's input (JSON text or raw bytes); for a model that takes image files, this many bytes of files.
     image_request_bytes: int = 32 * MiB
-    max_in_flight: int = 4096  # requests admitted at once; more are refused with RESOURCE_EXHAUSTED
+    max_in_flight: int = 4096  # requests admitted at once (by each front-door process); more: RESOURCE_EXHAUSTED
     default_timeout_s: float = 30.0  # deadline of a backend call when the caller sets none
 
     def __post_init__(self) -> None:
