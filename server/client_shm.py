@@ -86,7 +86,8 @@ class Regions:
         self._regions: dict[str, Region] = {}
         self._lock = threading.Lock()  # requests read from worker threads too
         self._shared = shared
-        self._unopened: dict[str, str] = {}  # regions another process registered that this one cannot open: why
+        # Regions another process registered that this one cannot open: their registration, and why.
+        self._unopened: dict[str, tuple[dict[str, Any], str]] = {}
         self._listed = (-1, 0)  # the shared folder's mtime (ns) when this process last listed it, and when that was
         self._serial = itertools.count()
 
@@ -186,7 +187,7 @@ class Regions:
                 try:
                     self._regions[name] = self._open(name, record["key"], record["offset"], record["byte_size"])
                 except InvalidInput as e:
-                    self._unopened[name] = str(e)
+                    self._unopened[name] = (record, str(e))
 
     def unregister(self, name: str = "") -> None:
         """The region `name`, or every region when name is empty; an unknown name is an error."""
@@ -198,7 +199,8 @@ class Regions:
     def status(self, name: str = "") -> list[dict[str, Any]]:
         with self._lock:
             self._sync()
-            return [self._regions[r].status() for r in self._named(name) if r in self._regions]
+            return [self._regions[r].status() if r in self._regions else self._unopened[r][0]
+                    for r in self._named(name)]
 
     def _named(self, name: str) -> list[str]:
         """The region `name`, or every region when name is empty (the lock held)."""
@@ -267,7 +269,8 @@ class Regions:
             self._sync()
             region = self._regions.get(name)
             if name in self._unopened:
-                raise InvalidInput(f"{kind} {tensor!r}: region {name!r} cannot be used here: {self._unopened[name]}")
+                raise InvalidInput(f"{kind} {tensor!r}: region {name!r} cannot be used here: "
+                                   f"{self._unopened[name][1]}")
             if region is None:
                 raise InvalidInput(f"{kind} {tensor!r}: no shared memory region {name!r} is registered: "
                                    "register it first")

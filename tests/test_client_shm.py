@@ -154,9 +154,12 @@ def test_processes_sharing_a_folder_share_the_registrations(root: Path, tmp_path
     assert os.listdir(shared) == []
     two.register("gone", "/in0", 0, 8)
     os.unlink(root / "in0")  # removed after it was registered: another process cannot open it
+    elsewhere = Regions(root, shared=shared)
     with pytest.raises(InvalidInput, match="cannot be used here"):
-        read(Regions(root, shared=shared), "gone", 8)
+        read(elsewhere, "gone", 8)
+    assert elsewhere.status() == [{"name": "gone", "key": "/in0", "offset": 0, "byte_size": 8}]  # still registered
     two.close()
+    elsewhere.close()
     one.close()
 
 
