@@ -35,6 +35,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -54,6 +55,28 @@ RESTART_BACKOFF_S = (1.0, 30.0)  # a process that died is started again after 1 
 HEALTHY_AFTER_S = 60.0  # one that ran this long before dying starts again after the first delay
 
 
+@dataclass(frozen=True)
+class SharedFolder:
+    """The folder the front-door processes share: their metrics' files, and the clients' region registrations."""
+
+    root: Path
+
+    @property
+    def metrics(self) -> Path:
+        return self.root / "metrics"
+
+    @property
+    def regions(self) -> Path:
+        return self.root / "regions"
+
+    @classmethod
+    def create(cls) -> SharedFolder:
+        shared = cls(Path(tempfile.mkdtemp(prefix="gradserve-doors-")))
+        shared.metrics.mkdir()
+        shared.regions.mkdir()
+        return shared
+
+
 @dataclass
 class _Door:
     number: int  # 2, 3, ...: the first process is 1
@@ -66,7 +89,7 @@ class Doors:
     """The other front-door processes, as the first one runs them."""
 
     def __init__(self, config: ServeConfig, models: ModelManager, client: TorchServeClient, grpc_port: int,
-                 http_socket: socket.socket | None, shared: Path) -> None:
+                 http_socket: socket.socket | None, shared: SharedFolder) -> None:
         listen = dataclasses.replace(config.listen, grpc_port=grpc_port)
         self._config = dataclasses.asdict(dataclasses.replace(config, listen=listen))
         self._models, self._client = models, client
@@ -119,8 +142,7 @@ class Doors:
     def _send(self) -> None:
         self._send_pending = False
         state = self._state()
-        live = {v.internal for name in self._models.names for v in self._models.versions(name).values()
-                if v.state != "draining"}
+        live = self._models.live_builds()
         for door in self._doors:
             door.idle -= live  # a build served again must be retired again before it is unloaded
             if door.writer is not None:
@@ -162,7 +184,7 @@ class Doors:
             theirs.close()
         reader, writer = await asyncio.open_unix_connection(sock=ours, limit=LINE_LIMIT)
         writer.write(_line({"hello": {
-            "number": door.number, "config": self._config, "shared": str(self._shared),
+            "number": door.number, "config": self._config, "shared": str(self._shared.root),
             "http_fd": self._http_socket.fileno() if self._http_socket is not None else None}}))
         writer.write(self._state())  # the table it starts with, before it listens
         door.writer = writer  # every change from here on, and its requests count for unloading
@@ -179,7 +201,7 @@ class Doors:
             door.idle.clear()
             writer.close()
             code = await asyncio.to_thread(door.process.wait)
-            metrics.process_ended(door.process.pid, str(self._shared / "metrics"))
+            metrics.process_ended(door.process.pid, str(self._shared.metrics))
             await self._notify()
         return code
 
@@ -200,8 +222,9 @@ def main(argv: list[str]) -> int:
     hello = json.loads(_read_line(control))["hello"]
     configure_logging(f"[door {hello['number']}]")
     config = gradserve_config.build(ServeConfig, hello["config"], env={})  # exactly the first process's
-    metrics.share_between_processes(str(Path(hello["shared"]) / "metrics"))
-    return run(config, follow(config, control, hello))
+    shared = SharedFolder(Path(hello["shared"]))
+    metrics.share_between_processes(str(shared.metrics))
+    return run(config, follow(config, control, shared, hello["http_fd"]))
 
 
 def _read_line(control: socket.socket) -> bytes:
@@ -215,14 +238,14 @@ def _read_line(control: socket.socket) -> bytes:
     return bytes(line)
 
 
-async def follow(config: ServeConfig, control: socket.socket, hello: dict[str, Any]) -> int:
+async def follow(config: ServeConfig, control: socket.socket, shared: SharedFolder, http_fd: int | None) -> int:
     """Serve as the first process says, until SIGTERM/SIGINT or until it is gone."""
     client = TorchServeClient(config.torchserve)
     models = ModelManager(Path(config.model_store), client)
-    backend = data_plane(config, models, client, Path(hello["shared"]) / "regions")
+    backend = data_plane(config, models, client, shared.regions)
     tokens = Tokens(config.auth)
     stop = asyncio.Event()
-    http_socket = socket.socket(fileno=hello["http_fd"]) if hello["http_fd"] is not None else None
+    http_socket = socket.socket(fileno=http_fd) if http_fd is not None else None
     transports = Transports(config, backend, tokens, stop, http_socket, share_port=True)
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -270,9 +293,7 @@ class _Follower:
                 task = asyncio.create_task(self._report_idle(loaded))
                 self._waiting.add(task)
                 task.add_done_callback(self._waiting.discard)
-        models = self._models
-        self._reported -= {v.internal for name in models.names for v in models.versions(name).values()
-                           if v.state != "draining"}
+        self._reported -= self._models.live_builds()
 
     async def _report_idle(self, loaded: Version) -> None:
         await loaded.idle.wait()

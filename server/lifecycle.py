@@ -145,6 +145,10 @@ class ModelManager:
     def _listed(self, name: str) -> list[str]:
         return sorted((v for v, loaded in self._versions[name].items() if loaded.state != "draining"), key=version_key)
 
+    def live_builds(self) -> set[str]:
+        """The TorchServe names of the builds in the table that are not draining."""
+        return {v.internal for versions in self._versions.values() for v in versions.values() if v.state != "draining"}
+
     def default(self, name: str) -> str:
         return self._defaults.get(name, "")
 

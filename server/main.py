@@ -13,7 +13,6 @@ import asyncio
 import logging
 import shutil
 import signal
-import tempfile
 from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any
@@ -24,7 +23,7 @@ from server import metrics
 from server.auth import Tokens, check_exposure
 from server.backend import Backend
 from server.config import ServeConfig
-from server.doors import Doors
+from server.doors import Doors, SharedFolder
 from server.frontdoor import Transports, check_port_free, configure_logging, data_plane, run
 from server.lifecycle import ModelManager
 from server.torchserve.client import TorchServeClient
@@ -103,7 +102,7 @@ async def serve(config: ServeConfig, on_ready: Callable[[], None] | None = None)
         client = TorchServeClient(config.torchserve)
         models = ModelManager(store, client, config.default_versions,
                               load_timeout_s=config.torchserve.ready_timeout_s)
-        backend = data_plane(config, models, client, shared and shared / "regions")
+        backend = data_plane(config, models, client, shared and shared.regions)
         if on_ready is not None:
             backend.add_ready_listener(_first_time(on_ready))
         stop = asyncio.Event()
@@ -116,20 +115,18 @@ async def serve(config: ServeConfig, on_ready: Callable[[], None] | None = None)
         return await _serve(config, tokens, stop, models, backend, transports, supervisor, doors)
     finally:
         if shared is not None:
-            shutil.rmtree(shared, ignore_errors=True)
+            shutil.rmtree(shared.root, ignore_errors=True)
 
 
-def _shared_folder(config: ServeConfig) -> Path | None:
+def _shared_folder(config: ServeConfig) -> SharedFolder | None:
     """With several front-door processes, the folder they share (their metrics, the clients' regions); None
     with one. Before any metric is touched: this process's go to files from here on."""
     if config.listen.processes == 1:
         return None
     if config.listen.grpc_port:
         check_port_free(config.listen.host, config.listen.grpc_port)
-    shared = Path(tempfile.mkdtemp(prefix="gradserve-doors-"))
-    (shared / "metrics").mkdir()
-    (shared / "regions").mkdir()
-    metrics.share_between_processes(str(shared / "metrics"))
+    shared = SharedFolder.create()
+    metrics.share_between_processes(str(shared.metrics))
     return shared
 
 
