@@ -2,12 +2,18 @@
 
     .venv/bin/python -m bench.frontdoor_ab --a event_loop=asyncio --b event_loop=uvloop
         [--model digits | --run runs/digits] [--rounds 3] [--seconds 3] [--loads 1x1,64x1,8x64] [--ways grpc,rest]
+        [--warmup 10] [--a-code ../base]
 
 The model is one of `gradserve bench`'s (trained first if its run has none), packaged for each side as the bench
 packages the front door's archive, with the side's `package.` settings on top (`package.optimize=true`). Each side
 is a `gradserve serve` (with its own TorchServe) whose `serve:` section is the defaults with the side's other
-settings (dotted names for nested ones: `coalesce.max_delay_ms=1`; values are read as YAML). Both run at once, so
-that each pair of windows shares the machine's drifting load; which side goes first alternates by round. Per way
+settings (dotted names for nested ones: `coalesce.max_delay_ms=1`; values are read as YAML). `--a-code DIR` runs
+side a's front door from another checkout instead (`git worktree add ../base HEAD`, then proto/build.py run there
+with this checkout's Python for its gRPC stubs), to compare code rather than settings; both archives are packaged by
+this checkout, so the handler is the same on both sides (`bench.handler_throughput` compares handlers). Both run at
+once, so that each pair of windows shares the machine's drifting load; which side goes first alternates by round.
+Before the first round each side gets --warmup seconds of single rows at concurrency 64 (TorchServe's JVM compiles
+its hot paths meanwhile: during its first minute its compiler took over half of its CPU at c=1). Per way
 (gRPC ModelInfer, ModelStreamInfer, REST JSON; --ways) and load (--loads; by default 1 row at concurrency 1 and
 64, 64 rows at concurrency 8): requests/s, p50, and the CPU per request of the front door (all its processes,
 listen.processes) and of the whole server (with its TorchServe and workers), each round's, then the medians and
@@ -20,8 +26,10 @@ import argparse
 import asyncio
 import contextlib
 import json
+import os
 import platform
 import statistics
+import sys
 import tempfile
 from dataclasses import replace
 from pathlib import Path
@@ -68,6 +76,18 @@ def settings_tree(settings: list[str]) -> dict[str, Any]:
             node = node.setdefault(parent, {})
         node[leaf] = yaml.safe_load(value)
     return section
+
+
+def code_env(checkout: Path | None) -> dict[str, str]:
+    """The environment that runs a front door from `checkout` (its modules first on the path); {} for this one."""
+    if checkout is None:
+        return {}
+    checkout = checkout.resolve()
+    if not (checkout / "server" / "main.py").is_file():
+        raise UsageError(f"{checkout} is not a checkout of gradserve (no server/main.py)")
+    if not (checkout / "server" / "generated").is_dir():
+        raise UsageError(f"{checkout} has no gRPC stubs: run `{sys.executable} proto/build.py` in it")
+    return {"PYTHONPATH": os.pathsep.join([str(checkout), *filter(None, [os.environ.get("PYTHONPATH")])])}
 
 
 def loads(text: str) -> tuple[tuple[int, int], ...]:
@@ -153,12 +173,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--run", type=Path, default=None, help="a training run of the config's model instead")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--seconds", type=float, default=3.0, help="measuring window per way, load and side")
+    parser.add_argument("--warmup", type=float, default=10.0, help="seconds of single rows at c=64 per side first")
     parser.add_argument("--loads", type=loads, default=LOADS,
                         help="concurrency x rows per request, comma-separated (default 1x1,64x1,8x64)")
     parser.add_argument("--ways", type=ways, default=WAYS, help="comma-separated of grpc,stream,rest (default all)")
+    parser.add_argument("--a-code", type=Path, default=None,
+                        help="a checkout of gradserve whose front door side a runs (default: this one)")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
     sides = {"a": sections(args.a), "b": sections(args.b)}
+    code = {"a": code_env(args.a_code), "b": {}}
     results: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="gradserve-ab-") as tmp, contextlib.ExitStack() as stack:
         path = gradserve_config.default_path(args.config)
@@ -171,11 +195,15 @@ def main(argv: list[str] | None = None) -> int:
             archive = package(model.run, mine, allow_fallback=True, force=True)
             config = Path(tmp, f"{side}.yaml")
             config.write_text(yaml.safe_dump({"serve": section["serve"]}))
-            doors[side] = stack.enter_context(running_front_door(archive.parent, Path(tmp, side), config=str(config)))
+            doors[side] = stack.enter_context(running_front_door(archive.parent, Path(tmp, side), config=str(config),
+                                                                 env=code[side]))
         manifest = read_archive(archive).manifest
         assert manifest is not None
         name, spec = manifest.name, manifest.inputs[0]
         rng = np.random.default_rng(0)
+        for side in ("a", "b"):  # TorchServe's JVM compiles its hot paths in its first minute: not in a window
+            warm = rng.random((1, *spec.row_shape), dtype=np.float32)
+            asyncio.run(window(doors[side], args.ways[0], name, warm, 64, args.warmup))
         for round_ in range(args.rounds):
             for way in args.ways:
                 for concurrency, rows in args.loads:
@@ -189,7 +217,8 @@ def main(argv: list[str] | None = None) -> int:
                               f"CPU ms/request: front door {figures['door_cpu_ms']:.3f}, "
                               f"server {figures['server_cpu_ms']:.3f}", flush=True)
     table = summarize(results)
-    print(f"\nmedians of {args.rounds} rounds; a = {sides['a']}, b = {sides['b']}")
+    print(f"\nmedians of {args.rounds} rounds; a = {sides['a']}{f' from {args.a_code}' if args.a_code else ''}, "
+          f"b = {sides['b']}")
     print(f"{'way':>6} {'c':>3} {'rows':>4} | {'a req/s':>8} {'b req/s':>8} {'b/a':>5} | {'a p50':>6} {'b p50':>6} | "
           f"{'door CPU ms a':>13} {'b':>6} {'b/a':>5} | {'server CPU ms a':>15} {'b':>6} {'b/a':>5}")
     for r in table:
@@ -200,7 +229,9 @@ def main(argv: list[str] | None = None) -> int:
               f"{b['server_cpu_ms']:>6.3f} {r['server_cpu_b_over_a']:>5.2f}")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"machine": f"{platform.machine()}, {psutil.cpu_count()} cores",
-                                    "model": model.name, "sides": sides, "rounds": results, "medians": table},
+                                    "model": model.name, "sides": sides,
+                                    "a_code": str(args.a_code) if args.a_code else None, "rounds": results,
+                                    "medians": table},
                                    indent=1))
     print(f"wrote {args.out}")
     return 0

@@ -18,7 +18,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -107,13 +107,13 @@ class FrontDoor:
 
 
 def start_front_door(store: Path, workdir: Path, token: str | None = None, *extra: str,
-                     config: str = os.devnull) -> FrontDoor:
+                     config: str = os.devnull, env: Mapping[str, str] | None = None) -> FrontDoor:
     """`gradserve serve` on free ports, its log in workdir/frontdoor.log; the token goes in the environment,
-    as a deployment would pass it (never on a command line, where `ps` shows it)."""
+    as a deployment would pass it (never on a command line, where `ps` shows it). `env` adds to the environment."""
     workdir.mkdir(parents=True, exist_ok=True)
     grpc_port, http_port = free_ports("127.0.0.1", 2)
     log_path = workdir / "frontdoor.log"
-    env = {**os.environ, ENV_TOKEN: token or ""}
+    env = {**os.environ, **(env or {}), ENV_TOKEN: token or ""}
     with open(log_path, "ab") as log:
         process = subprocess.Popen(
             [str(GRADSERVE), "serve", "--config", config, "--host", "127.0.0.1", "--grpc-port", str(grpc_port),
@@ -126,8 +126,8 @@ def start_front_door(store: Path, workdir: Path, token: str | None = None, *extr
 
 @contextlib.contextmanager
 def running_front_door(store: Path, workdir: Path, token: str | None = None, *extra: str, config: str = os.devnull,
-                       ready_timeout: float = 180.0) -> Iterator[FrontDoor]:
-    door = start_front_door(store, workdir, token, *extra, config=config)
+                       ready_timeout: float = 180.0, env: Mapping[str, str] | None = None) -> Iterator[FrontDoor]:
+    door = start_front_door(store, workdir, token, *extra, config=config, env=env)
     try:
         door.wait_ready(ready_timeout)
         yield door

@@ -204,7 +204,7 @@ class Backend:
         if (self._payloads is not None and loaded.manifest.payload_refs
                 and sum(memoryview(p).nbytes for p in parts) >= self._payloads.min_bytes):
             placed = self._payloads.write(parts)  # None when it could not be: then inline
-        metrics.BACKEND_CALLS.labels("shared_memory" if placed else "inline").inc()
+        metrics.backend_calls("shared_memory" if placed else "inline").inc()
         try:
             payload = codec.encode_ref(*placed) if placed else b"".join(parts)
             answer = await self._server.predict(loaded.internal, payload, deadline)

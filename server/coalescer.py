@@ -58,6 +58,8 @@ class Coalescer:
         """`rows`' outputs (at least those of `outputs`; empty: all), by `deadline` on the loop's clock."""
         if self._max_rows <= 1 or len(rows) >= self._max_rows:
             return await self._send(rows, deadline, outputs)  # already a full group
+        if not self._queue and self._in_flight < self._max_calls:
+            return await self._alone(rows, deadline, outputs)
         future: asyncio.Future[Outputs] = asyncio.get_running_loop().create_future()
         self._queue.append(_Pending(rows, deadline, outputs, future))
         self._queued_rows += len(rows)
@@ -94,6 +96,16 @@ class Coalescer:
         task = asyncio.get_running_loop().create_task(self._run(group))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+
+    async def _alone(self, rows: np.ndarray, deadline: float, outputs: frozenset[str]) -> Outputs:
+        """A group of one sent from its caller's own task: no task, no future, no hand-over between them (at
+        concurrency 1 that is every request). Cancelling the caller cancels its call, which has no other member."""
+        self._in_flight += 1
+        try:
+            return await self._send(rows, deadline, outputs)
+        finally:
+            self._in_flight -= 1
+            self._pump()
 
     async def _run(self, group: list[_Pending]) -> None:
         try:

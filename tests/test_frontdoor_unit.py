@@ -44,6 +44,7 @@ from server.grpc_server import create_server
 from server.lifecycle import ModelManager
 from server.models import Archive
 from server.rest import create_app
+from server.torchserve import client as torchserve_client
 from server.torchserve.client import TorchServeClient, backend_error
 from server.torchserve.process import Endpoint, TorchServe
 
@@ -406,6 +407,52 @@ def test_torchserve_dying_under_calls_answers_them_unavailable(tmp_path: Path) -
     asyncio.run(main())
 
 
+def test_readiness_polls_share_one_kept_alive_connection_and_a_silent_api_counts_as_unanswered(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(torchserve_client, "POLL_TIMEOUT_S", 0.3)
+    connections, answers = [], ["READY", "READY", "READY", "UNLOADING", None, None, None, None]
+
+    async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        connections.append(writer)
+        while True:
+            head = await reader.readuntil(b"\r\n\r\n")
+            path = f"GET /models/{DIGITS.internal_name} ".encode()
+            assert head.startswith(path) and b"authorization: Bearer m" in head, head
+            status = answers.pop(0)
+            if status is None:  # TorchServe busy: no answer
+                await asyncio.sleep(30)
+            body = json.dumps([{"workers": [{"status": status}]}]).encode()
+            writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+            await writer.drain()
+
+    async def main() -> None:
+        server = await asyncio.start_server(answer, "127.0.0.1", 0)
+        url = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
+        client = await connected_client("http://127.0.0.1:9", write_key_file(tmp_path / "keys.json"), url)
+        try:
+            seen = []
+            for _ in range(3):
+                await client.poll_ready()
+                seen.append(client.ready(DIGITS.internal_name))
+            assert seen == [True] * 3 and len(connections) == 1  # one connection, kept alive
+            await client.poll_ready()
+            assert not client.ready(DIGITS.internal_name)  # no READY worker
+            answers[:0] = ["READY"]
+            await client.poll_ready()
+            seen = []
+            for _ in range(client.settings.unknown_polls_max):  # unanswered polls keep the last state, then not
+                started = time.monotonic()
+                await client.poll_ready()
+                assert time.monotonic() - started < 2
+                seen.append(client.ready(DIGITS.internal_name))
+            assert seen == [True] * (client.settings.unknown_polls_max - 1) + [False]
+        finally:
+            await client.stop()
+            server.close()
+
+    asyncio.run(main())
+
+
 # --- the coalescer --------------------------------------------------------------------------------------------
 
 def test_large_calls_go_through_shared_memory_to_handlers_that_read_it_and_leave_no_file(tmp_path: Path) -> None:
@@ -511,13 +558,42 @@ def test_a_cancelled_group_call_answers_its_members_unavailable() -> None:
 
     async def main() -> list[BaseException]:
         coalescer = Coalescer(call, max_rows=64, max_delay_s=0.001, max_calls=1)
+        alone = asyncio.create_task(coalescer.submit(np.zeros((1, 2)), 1e9))  # in its own task
+        await asyncio.sleep(0.01)
         members = [asyncio.create_task(coalescer.submit(np.zeros((1, 2)), 1e9)) for _ in range(3)]
-        await asyncio.sleep(0.05)
+        await asyncio.sleep(0.05)  # queued behind it, then sent as one group after max_delay_s
+        assert len(coalescer._tasks) == 1
         for task in list(coalescer._tasks):  # e.g. the loop shutting down
             task.cancel()
+        alone.cancel()
         return await asyncio.wait_for(asyncio.gather(*members, return_exceptions=True), 2)
 
     assert all(isinstance(r, errors.Unavailable) for r in asyncio.run(main()))
+
+
+def test_a_lone_request_is_sent_from_its_own_task_and_cancelling_it_frees_the_slot() -> None:
+    calls: list[int] = []
+
+    async def call(rows: np.ndarray, deadline: float, outputs: frozenset[str]) -> dict[str, np.ndarray]:
+        calls.append(len(rows))
+        await asyncio.sleep(30 if len(calls) == 1 else 0)
+        return {"y": rows + 1}
+
+    async def main() -> None:
+        coalescer = Coalescer(call, max_rows=64, max_delay_s=10, max_calls=1)
+        first = asyncio.create_task(coalescer.submit(np.zeros((2, 2)), 1e9))
+        await asyncio.sleep(0.01)
+        assert calls == [2] and not coalescer._tasks  # no task of the coalescer's: the caller's own
+        first.cancel()  # its caller gave up (the client went away): the call ends, the slot is free at once
+        with pytest.raises(asyncio.CancelledError):
+            await first
+        started = time.monotonic()
+        answer = await coalescer.submit(np.ones((1, 2)), 1e9)
+        assert time.monotonic() - started < 1  # not queued behind the cancelled call for max_delay_s
+        np.testing.assert_array_equal(answer["y"], np.full((1, 2), 2.0))
+        assert calls == [2, 1]
+
+    asyncio.run(main())
 
 def test_a_bad_member_fails_alone() -> None:
     async def main() -> None:
