@@ -164,7 +164,7 @@ def summarize(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return table
 
 
-def main(argv: list[str] | None = None) -> int:
+def arguments(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--a", nargs="*", default=[], help="settings of side a, name=value ... (package.name=value)")
     parser.add_argument("--b", nargs="*", default=[], help="settings of side b, name=value ...")
@@ -180,7 +180,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--a-code", type=Path, default=None,
                         help="a checkout of gradserve whose front door side a runs (default: this one)")
     parser.add_argument("--out", type=Path, default=RESULTS)
-    args = parser.parse_args(argv)
+    return parser.parse_args(argv)
+
+
+def print_medians(table: list[dict[str, Any]]) -> None:
+    print(f"{'way':>6} {'c':>3} {'rows':>4} | {'a req/s':>8} {'b req/s':>8} {'b/a':>5} | {'a p50':>6} {'b p50':>6} | "
+          f"{'door CPU ms a':>13} {'b':>6} {'b/a':>5} | {'server CPU ms a':>15} {'b':>6} {'b/a':>5}")
+    for r in table:
+        a, b = r["a"], r["b"]
+        print(f"{r['way']:>6} {r['concurrency']:>3} {r['rows']:>4} | {a['req_s']:>8.0f} {b['req_s']:>8.0f} "
+              f"{r['req_s_b_over_a']:>5.2f} | {a['p50_ms']:>6.2f} {b['p50_ms']:>6.2f} | {a['door_cpu_ms']:>13.3f} "
+              f"{b['door_cpu_ms']:>6.3f} {r['door_cpu_b_over_a']:>5.2f} | {a['server_cpu_ms']:>15.3f} "
+              f"{b['server_cpu_ms']:>6.3f} {r['server_cpu_b_over_a']:>5.2f}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = arguments(argv)
     sides = {"a": sections(args.a), "b": sections(args.b)}
     code = {"a": code_env(args.a_code), "b": {}}
     results: list[dict[str, Any]] = []
@@ -219,14 +234,7 @@ def main(argv: list[str] | None = None) -> int:
     table = summarize(results)
     print(f"\nmedians of {args.rounds} rounds; a = {sides['a']}{f' from {args.a_code}' if args.a_code else ''}, "
           f"b = {sides['b']}")
-    print(f"{'way':>6} {'c':>3} {'rows':>4} | {'a req/s':>8} {'b req/s':>8} {'b/a':>5} | {'a p50':>6} {'b p50':>6} | "
-          f"{'door CPU ms a':>13} {'b':>6} {'b/a':>5} | {'server CPU ms a':>15} {'b':>6} {'b/a':>5}")
-    for r in table:
-        a, b = r["a"], r["b"]
-        print(f"{r['way']:>6} {r['concurrency']:>3} {r['rows']:>4} | {a['req_s']:>8.0f} {b['req_s']:>8.0f} "
-              f"{r['req_s_b_over_a']:>5.2f} | {a['p50_ms']:>6.2f} {b['p50_ms']:>6.2f} | {a['door_cpu_ms']:>13.3f} "
-              f"{b['door_cpu_ms']:>6.3f} {r['door_cpu_b_over_a']:>5.2f} | {a['server_cpu_ms']:>15.3f} "
-              f"{b['server_cpu_ms']:>6.3f} {r['server_cpu_b_over_a']:>5.2f}")
+    print_medians(table)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"machine": f"{platform.machine()}, {psutil.cpu_count()} cores",
                                     "model": model.name, "sides": sides,
