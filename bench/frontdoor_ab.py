@@ -2,7 +2,7 @@
 
     .venv/bin/python -m bench.frontdoor_ab --a event_loop=asyncio --b event_loop=uvloop
         [--model digits | --run runs/digits] [--rounds 3] [--seconds 3] [--loads 1x1,64x1,8x64] [--ways grpc,rest]
-        [--warmup 10] [--a-code ../base]
+        [--warmup 10] [--a-code ../base] [--a-env NAME=VALUE ...] [--b-env NAME=VALUE ...]
 
 The model is one of `gradserve bench`'s (trained first if its run has none), packaged for each side as the bench
 packages the front door's archive, with the side's `package.` settings on top (`package.optimize=true`). Each side
@@ -10,7 +10,8 @@ is a `gradserve serve` (with its own TorchServe) whose `serve:` section is the d
 settings (dotted names for nested ones: `coalesce.max_delay_ms=1`; values are read as YAML). `--a-code DIR` runs
 side a's front door from another checkout instead (`git worktree add ../base HEAD`, then proto/build.py run there
 with this checkout's Python for its gRPC stubs), to compare code rather than settings; both archives are packaged by
-this checkout, so the handler is the same on both sides (`bench.handler_throughput` compares handlers). Both run at
+this checkout, so the handler is the same on both sides (`bench.handler_throughput` compares handlers). `--a-env`
+and `--b-env` add to a side's environment (`GRPC_EXPERIMENTS=`, `OMP_NUM_THREADS=1`, ...). Both run at
 once, so that each pair of windows shares the machine's drifting load; which side goes first alternates by round.
 Before the first round each side gets --warmup seconds of single rows at concurrency 64 (TorchServe's JVM compiles
 its hot paths meanwhile: during its first minute its compiler took over half of its CPU at c=1). Per way
@@ -88,6 +89,13 @@ def code_env(checkout: Path | None) -> dict[str, str]:
     if not (checkout / "server" / "generated").is_dir():
         raise UsageError(f"{checkout} has no gRPC stubs: run `{sys.executable} proto/build.py` in it")
     return {"PYTHONPATH": os.pathsep.join([str(checkout), *filter(None, [os.environ.get("PYTHONPATH")])])}
+
+
+def env_vars(settings: list[str]) -> dict[str, str]:
+    """{"NAME": "value"} from ["NAME=value", ...] (an empty value is kept: set, but empty)."""
+    if bad := [s for s in settings if "=" not in s or not s.partition("=")[0]]:
+        raise UsageError(f"{bad}: environment variables are NAME=value (e.g. GRPC_EXPERIMENTS=)")
+    return dict(s.partition("=")[::2] for s in settings)
 
 
 def loads(text: str) -> tuple[tuple[int, int], ...]:
@@ -179,6 +187,8 @@ def arguments(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--ways", type=ways, default=WAYS, help="comma-separated of grpc,stream,rest (default all)")
     parser.add_argument("--a-code", type=Path, default=None,
                         help="a checkout of gradserve whose front door side a runs (default: this one)")
+    parser.add_argument("--a-env", nargs="*", default=[], help="environment variables of side a, NAME=value ...")
+    parser.add_argument("--b-env", nargs="*", default=[], help="environment variables of side b, NAME=value ...")
     parser.add_argument("--out", type=Path, default=RESULTS)
     return parser.parse_args(argv)
 
@@ -197,7 +207,7 @@ def print_medians(table: list[dict[str, Any]]) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = arguments(argv)
     sides = {"a": sections(args.a), "b": sections(args.b)}
-    code = {"a": code_env(args.a_code), "b": {}}
+    env = {"a": {**code_env(args.a_code), **env_vars(args.a_env)}, "b": env_vars(args.b_env)}
     results: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="gradserve-ab-") as tmp, contextlib.ExitStack() as stack:
         path = gradserve_config.default_path(args.config)
@@ -211,7 +221,7 @@ def main(argv: list[str] | None = None) -> int:
             config = Path(tmp, f"{side}.yaml")
             config.write_text(yaml.safe_dump({"serve": section["serve"]}))
             doors[side] = stack.enter_context(running_front_door(archive.parent, Path(tmp, side), config=str(config),
-                                                                 env=code[side]))
+                                                                 env=env[side]))
         manifest = read_archive(archive).manifest
         assert manifest is not None
         name, spec = manifest.name, manifest.inputs[0]
@@ -232,13 +242,14 @@ def main(argv: list[str] | None = None) -> int:
                               f"CPU ms/request: front door {figures['door_cpu_ms']:.3f}, "
                               f"server {figures['server_cpu_ms']:.3f}", flush=True)
     table = summarize(results)
-    print(f"\nmedians of {args.rounds} rounds; a = {sides['a']}{f' from {args.a_code}' if args.a_code else ''}, "
-          f"b = {sides['b']}")
+    print(f"\nmedians of {args.rounds} rounds; a = {sides['a']}{f' from {args.a_code}' if args.a_code else ''}"
+          f"{f' env {args.a_env}' if args.a_env else ''}, b = {sides['b']}{f' env {args.b_env}' if args.b_env else ''}")
     print_medians(table)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"machine": f"{platform.machine()}, {psutil.cpu_count()} cores",
                                     "model": model.name, "sides": sides,
-                                    "a_code": str(args.a_code) if args.a_code else None, "rounds": results,
+                                    "a_code": str(args.a_code) if args.a_code else None,
+                                    "env": {"a": env_vars(args.a_env), "b": env_vars(args.b_env)}, "rounds": results,
                                     "medians": table},
                                    indent=1))
     print(f"wrote {args.out}")

@@ -23,6 +23,7 @@ STAGES: dict[str, tuple[str, str]] = {
     "batch": ("client.batch", "run a file of inputs through the front door (or --local)"),
     "bench": ("bench.harness", "measure every path side by side and write bench/results/"),
 }
+SERVING = ("serve", "run")  # stages that run a front door: gRPC's settings go in first (server/grpc_env.py)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -33,6 +34,10 @@ def main(argv: list[str] | None = None) -> int:
         print("usage: gradserve <stage> [options]\n\nstages:\n" + "\n".join(lines))
         return 0 if argv and argv[0] in ("-h", "--help") else 2
     stage, rest = argv[0], argv[1:]
+    if stage in SERVING:
+        from server import grpc_env  # imports nothing of gRPC's, which reads its settings once, when it loads
+
+        grpc_env.apply()
     module = importlib.import_module(STAGES[stage][0])
     parser = argparse.ArgumentParser(prog=f"gradserve {stage}", description=STAGES[stage][1])
     module.add_arguments(parser)

@@ -184,6 +184,10 @@ def test_frontdoor_ab_loads_and_ways_are_read_or_refused_with_the_form() -> None
         frontdoor_ab.loads("64")
     with pytest.raises(argparse.ArgumentTypeError, match="some of grpc,stream,rest"):
         frontdoor_ab.ways("grpc,soap")
+    assert frontdoor_ab.env_vars(["GRPC_EXPERIMENTS=", "OMP_NUM_THREADS=1"]) == {"GRPC_EXPERIMENTS": "",
+                                                                               "OMP_NUM_THREADS": "1"}
+    with pytest.raises(UsageError, match="NAME=value"):
+        frontdoor_ab.env_vars(["OMP_NUM_THREADS"])
 
 
 @pytest.mark.timeout(900)
@@ -192,12 +196,13 @@ def test_frontdoor_ab_serves_every_way_from_both_sides(tmp_path: Path) -> None:
     on an archive packaged to serve its compiled forward: every way and load answered by both, and the table has
     their medians."""
     out = tmp_path / "ab.json"
-    argv = ["--run", str(make_run(tmp_path / "runs")), "--a", "event_loop=asyncio",
+    argv = ["--run", str(make_run(tmp_path / "runs")), "--a", "event_loop=asyncio", "--a-env", "GRPC_EXPERIMENTS=",
             "--b", "event_loop=uvloop", "package.optimize=true", "--rounds", "1", "--seconds", "0.2", "--out", str(out)]
     assert frontdoor_ab.main(argv) == 0
     report = json.loads(out.read_text())
     assert report["sides"] == {"a": {"serve": {"event_loop": "asyncio"}, "package": {}},
                                "b": {"serve": {"event_loop": "uvloop"}, "package": {"optimize": True}}}
+    assert report["env"] == {"a": {"GRPC_EXPERIMENTS": ""}, "b": {}}
     cells = {(r["way"], r["concurrency"], r["rows"], r["side"]) for r in report["rounds"]}
     assert cells == {(w, c, n, s) for w in frontdoor_ab.WAYS for c, n in frontdoor_ab.LOADS for s in "ab"}
     for r in report["rounds"]:  # window() raises on any failed request

@@ -24,6 +24,7 @@ import torch
 from frontdoor_fixtures import TOKEN, FrontDoor, built_store, digits, running_front_door, selected_model
 
 from client.grpc_client import decode, request
+from server import grpc_env
 from server.generated import grpc_service_pb2 as pb
 from server.generated import grpc_service_pb2_grpc as pb_grpc
 
@@ -110,6 +111,41 @@ def test_connections_spread_over_both_processes_and_each_answers_as_the_model(
         for client in clients:
             client.close()
     assert ok_infers(door) - before == 2 * CONNECTIONS  # /metrics, from either process, counts both
+
+
+def engine_ticks(process: psutil.Process) -> int:
+    """CPU ticks (user + system) of the process's threads that gRPC's EventEngine names `event_engine`."""
+    ticks = 0
+    for task in Path(f"/proc/{process.pid}/task").iterdir():
+        with contextlib.suppress(OSError):  # a thread that has just ended
+            if (task / "comm").read_text().strip() == "event_engine":
+                fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
+                ticks += int(fields[11]) + int(fields[12])
+    return ticks
+
+
+def test_every_process_reads_its_grpc_connections_itself_not_on_event_engine_threads(door: FrontDoor) -> None:
+    """server/grpc_env.py's settings reach both processes before gRPC loads: their connections are read by the
+    thread that polls for grpc.aio, and gRPC's EventEngine threads do none of the requests' work (with gRPC's
+    default experiments, GRPC_EXPERIMENTS set empty, they took 8% of a process's CPU under this load)."""
+    assert grpc_env.VARIABLE not in os.environ, "the test's own GRPC_EXPERIMENTS would decide, not the front door"
+    x = digits()[0][:1]
+    engines = {p.pid: engine_ticks(p) for p in processes(door)}
+    spent = {p.pid: sum(p.cpu_times()[:2]) for p in processes(door)}
+    opened = channels(door)
+    try:
+        stubs = [pb_grpc.GRPCInferenceServiceStub(channel) for channel in opened]
+        for _ in range(150):
+            calls = [stub.ModelInfer.future(request("digits", x), metadata=AUTH) for stub in stubs]
+            assert all(call.result(timeout=30).outputs for call in calls)
+    finally:
+        for channel in opened:
+            channel.close()
+    for p in processes(door):
+        busy = sum(p.cpu_times()[:2]) - spent[p.pid]
+        assert busy > 0.15, f"process {p.pid} spent {busy:.2f} s: too little to tell"
+        engine = (engine_ticks(p) - engines[p.pid]) / os.sysconf("SC_CLK_TCK")  # 0 here; 0.1 s of 1.3 without
+        assert engine <= 0.02 + 0.03 * busy, f"EventEngine threads of {p.pid} spent {engine:.2f} s of {busy:.2f}"
 
 
 def test_regions_registered_through_one_process_are_used_through_the_other(door: FrontDoor, tmp_path: Path) -> None:

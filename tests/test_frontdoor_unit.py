@@ -12,6 +12,8 @@ import json
 import logging
 import socket
 import struct
+import subprocess
+import sys
 import time
 import zlib
 from collections.abc import AsyncIterator
@@ -29,7 +31,7 @@ from gradserve.config import ConfigError, build
 from handlers import codec, sharedmem
 from handlers.manifest import Manifest
 from handlers.sharedmem import PayloadArea
-from server import errors, grpc_servicer
+from server import errors, grpc_env, grpc_servicer
 from server import main as server_main
 from server import metrics as server_metrics
 from server.auth import Tokens
@@ -168,6 +170,19 @@ def test_the_front_door_runs_on_the_event_loop_its_config_names(name: str) -> No
         return type(asyncio.get_running_loop()).__module__
 
     assert server_main.run(ServeConfig(event_loop=name), loop_module()).split(".")[0] == name
+
+
+def test_grpc_settings_are_named_unless_yours_are_and_naming_them_loads_no_grpc() -> None:
+    """gRPC reads GRPC_EXPERIMENTS when it loads, so server/grpc_env.py must not load it (gradserve/cli.py applies it
+    first); tests/test_doors.py checks what the settings do in a running front door."""
+    environ: dict[str, str] = {}
+    grpc_env.apply(environ)
+    assert environ == {"GRPC_EXPERIMENTS": grpc_env.EXPERIMENTS}
+    mine = {"GRPC_EXPERIMENTS": ""}  # empty: gRPC's own defaults
+    grpc_env.apply(mine)
+    assert mine == {"GRPC_EXPERIMENTS": ""}
+    code = "import sys, server.grpc_env; assert 'grpc' not in sys.modules, sorted(sys.modules)"
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).resolve().parent.parent)
 
 
 def test_an_unknown_event_loop_is_refused_with_the_choices() -> None:
