@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 from run_fixtures import make_run
 
-from bench import backend_transport, cuda_check, frontdoor_ab, harness, loadgen, peer_stacks, rest_parse
+from bench import backend_transport, cuda_check, frontdoor_ab, harness, loadgen, peer_stacks, report, rest_parse
 from bench.models import sample_rows
 from bench.peers.model import PeerModel
 from gradserve.errors import UsageError
@@ -149,6 +149,28 @@ def test_bench_quick_run_measures_every_path_of_every_model(tmp_path: Path) -> N
     assert "| model | target | scenario | req/s |" in table and "| model | figure | value | target | met |" in table
     assert "Load generator CPU per request" in table
     assert report.with_suffix(".png").stat().st_size > 0
+
+
+def test_the_c1_targets_hold_each_transport_to_kserve_on_the_same_transport() -> None:
+    """p50 at most 1 ms above KServe's and server CPU at most 2x, gRPC against its gRPC and REST against its REST;
+    a transport KServe did not run is left out."""
+    def window(p50_ms: float, cpu_s: dict[str, float]) -> dict:
+        return {"p50_ms": p50_ms, "cpu_s": cpu_s, "requests": 1000}
+
+    w = {("frontdoor_grpc", "c1"): window(2.2, {"frontdoor": 0.8, "ts_java": 0.4, "ts_worker": 0.8, "loadgen": 9}),
+         ("kserve_grpc", "c1"): window(1.0, {"peer": 0.8}),
+         ("frontdoor_rest", "c1"): window(1.4, {"frontdoor": 0.5, "ts_java": 0.3, "ts_worker": 0.6}),
+         ("kserve_rest", "c1"): window(0.8, {"peer": 0.8})}
+    rows = [(figure, round(value, 3), met) for figure, value, _, met in report.c1_targets(w)]
+    assert rows == [
+        ("p50 at c=1: front door gRPC - KServe gRPC (unbatched, in-process), ms", 1.2, False),
+        ("server CPU per request at c=1: front door gRPC / KServe gRPC", 2.5, False),
+        ("p50 at c=1: front door REST - KServe REST (unbatched, in-process), ms", 0.6, True),
+        ("server CPU per request at c=1: front door REST / KServe REST", 1.75, True)]
+    del w[("kserve_rest", "c1")]
+    assert [figure for figure, *_ in report.c1_targets(w)] == [
+        "p50 at c=1: front door gRPC - KServe gRPC (unbatched, in-process), ms",
+        "server CPU per request at c=1: front door gRPC / KServe gRPC"]
 
 
 def test_frontdoor_ab_settings_are_dotted_names_with_yaml_values() -> None:
