@@ -249,7 +249,12 @@ def test_oversized_bodies_do_not_stall_the_others(store_door: FrontDoor,
                 f"58 MiB bodies ({len(refused)} refused with 413 in p50 {percentiles(refused)['p50']:.0f} ms); "
                 f"front door memory {door_growth:+.0f} MiB"})
     assert all(a[1] == "OK" for a in busy)
-    assert refused and lat_busy["p99"] <= max(3 * lat_quiet["p99"], lat_quiet["p99"] + 100), (lat_quiet, lat_busy)
+    # Refused before the body is read: 3-8 ms here. A door that read 58 MiB first would take far longer, and would
+    # hold the event loop the others need for as long.
+    assert refused and percentiles(refused)["p50"] < 100, percentiles(refused)
+    # On 2 cores the senders' own curl processes slow everyone down (p50 22 -> 57 ms in one run), so the others'
+    # p99 is held to 3x its quiet value or 250 ms above it, whichever is more (observed: 127-188 ms, 40-83 quiet).
+    assert lat_busy["p99"] <= max(3 * lat_quiet["p99"], lat_quiet["p99"] + 250), (lat_quiet, lat_busy)
     assert door_growth < 150, memory
 
 
