@@ -57,8 +57,7 @@ async def over_grpc(torchserve: TorchServe, keys: Keys, model: str, payload: byt
 
 
 async def over_http(torchserve: TorchServe, keys: Keys, model: str, payload: bytes) -> tuple[Call, Callable[[], Any]]:
-    host, port = torchserve.endpoint.inference_url.rsplit("/", 1)[-1].rsplit(":", 1)
-    pool = http1.Pool(host, int(port))
+    pool = http1.Pool.to(torchserve.endpoint.inference_url)
     head = http1.request_head("POST", pool.authority, f"/predictions/{model}", len(payload),
                               "application/octet-stream", {"authorization": f"Bearer {keys.inference}"})
 

@@ -207,7 +207,8 @@ def print_medians(table: list[dict[str, Any]]) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = arguments(argv)
     sides = {"a": sections(args.a), "b": sections(args.b)}
-    env = {"a": {**code_env(args.a_code), **env_vars(args.a_env)}, "b": env_vars(args.b_env)}
+    given = {"a": env_vars(args.a_env), "b": env_vars(args.b_env)}
+    env = {"a": {**code_env(args.a_code), **given["a"]}, "b": given["b"]}
     results: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="gradserve-ab-") as tmp, contextlib.ExitStack() as stack:
         path = gradserve_config.default_path(args.config)
@@ -249,7 +250,7 @@ def main(argv: list[str] | None = None) -> int:
     args.out.write_text(json.dumps({"machine": f"{platform.machine()}, {psutil.cpu_count()} cores",
                                     "model": model.name, "sides": sides,
                                     "a_code": str(args.a_code) if args.a_code else None,
-                                    "env": {"a": env_vars(args.a_env), "b": env_vars(args.b_env)}, "rounds": results,
+                                    "env": given, "rounds": results,
                                     "medians": table},
                                    indent=1))
     print(f"wrote {args.out}")

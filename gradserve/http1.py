@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import re
 from collections.abc import Sequence
+from urllib.parse import urlsplit
 
 HEADER_END = b"\r\n\r\n"
 CONTENT_LENGTH = re.compile(rb"\r\ncontent-length:[ \t]*(\d+)", re.I)
@@ -101,6 +102,12 @@ class Pool:
         self._idle: list[Connection] = []
         self._busy: set[Connection] = set()
         self._closed = False
+
+    @classmethod
+    def to(cls, url: str, max_idle: int = 64) -> Pool:
+        """A pool to the server of `url` ("http://host:port", any path ignored)."""
+        parts = urlsplit(url)
+        return cls(parts.hostname or "127.0.0.1", parts.port or 80, max_idle)
 
     async def send(self, request: bytes | Sequence[bytes]) -> tuple[int, bytes]:
         """As Connection.send. A connection that had answered before and fails at once (the server closed it while

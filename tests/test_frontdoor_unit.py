@@ -23,6 +23,7 @@ import grpc
 import httpx
 import numpy as np
 import pytest
+from common import ROOT
 from fastapi import FastAPI
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
@@ -182,7 +183,7 @@ def test_grpc_settings_are_named_unless_yours_are_and_naming_them_loads_no_grpc(
     grpc_env.apply(mine)
     assert mine == {"GRPC_EXPERIMENTS": ""}
     code = "import sys, server.grpc_env; assert 'grpc' not in sys.modules, sorted(sys.modules)"
-    subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).resolve().parent.parent)
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)
 
 
 def test_an_unknown_event_loop_is_refused_with_the_choices() -> None:

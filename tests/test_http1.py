@@ -73,7 +73,8 @@ async def _after_the_server_closed(gone: bool) -> tuple[tuple[int, bytes], BaseE
 
     server = await asyncio.start_server(handle, "127.0.0.1", 0)
     port = server.sockets[0].getsockname()[1]
-    pool = http1.Pool("127.0.0.1", port)
+    pool = http1.Pool.to(f"http://127.0.0.1:{port}/ignored")  # as the front door makes its pools
+    assert (pool.authority, pool.max_idle) == (f"127.0.0.1:{port}", 64)
     request = http1.post_request(f"127.0.0.1:{port}", "/predictions/m", b"x", "application/octet-stream")
     first = await pool.send(request)
     await asyncio.sleep(0.2)  # the close reaches the client's idle connection

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Any
-from urllib.parse import quote, urlsplit
+from urllib.parse import quote
 
 import httpx
 
@@ -154,10 +154,8 @@ class TorchServeClient:
         """The connections to `endpoint`; keys are read once TorchServe has written them."""
         self._endpoint, self._models = endpoint, list(models)
         self._unknown_polls = dict.fromkeys(self._models, 0)
-        inference = urlsplit(endpoint.inference_url)
-        self._inference = http1.Pool(inference.hostname or "127.0.0.1", inference.port or 80)
-        management = urlsplit(endpoint.management_url)
-        self._management = http1.Pool(management.hostname or "127.0.0.1", management.port or 80, max_idle=1)
+        self._inference = http1.Pool.to(endpoint.inference_url)
+        self._management = http1.Pool.to(endpoint.management_url, max_idle=1)
         self._http = httpx.AsyncClient(base_url=endpoint.management_url, timeout=5.0)
 
     async def stop(self) -> None:
